@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:
+#   make test   creates .venv, installs everything the tests need, runs the CPU test suite
+#   make demo   the main job (see README)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cepo-installed
+# A CPU machine takes the CPU build of torch that lies on its disk; a machine that already
+# has torch (e.g. a GPU image with torch 2.11) keeps it: the venv sees system packages.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test demo bench lint info clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test,train]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m bench.run_all --quick
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+info: $(STAMP)
+	$(PY) -m cepo_kernels.info
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

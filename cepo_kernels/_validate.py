@@ -1,0 +1,106 @@
+"""Input checks shared by the ops. Every failure is a ``ValueError`` that names the
+argument and says what was expected."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_float(name: str, t: torch.Tensor, *, min_dim: int = 0) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimensions, got shape {_shape(t)}")
+
+
+def check_int(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INT_DTYPES:
+        raise ValueError(f"{name}: expected an integer tensor (e.g. int64), got {t.dtype}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str) -> None:
+    if _shape(t) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)} ({what}), got {_shape(t)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"tensors must share one device, got {listed}")
+
+
+def check_targets(
+    name: str, targets: torch.Tensor, vocab_size: int, ignore_index: int, valid: torch.Tensor | None = None
+) -> None:
+    """Targets must lie in ``[0, vocab_size)`` except ``ignore_index`` and positions where
+    ``valid`` is False. One small reduction (a device sync on GPU)."""
+    keep = targets != ignore_index
+    if valid is not None:
+        keep = keep & valid
+    if targets.numel() == 0 or not bool(keep.any()):
+        return
+    t = targets[keep]
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"{name}: expected token ids in [0, {vocab_size}) or ignore_index={ignore_index}, found {bad}"
+        )
+
+
+def check_temperature(temperature: float) -> float:
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return value
+
+
+def check_lam_eps(lam: float, eps_w: float) -> tuple[float, float]:
+    try:
+        lam_f, eps_f = float(lam), float(eps_w)
+    except (TypeError, ValueError):
+        raise ValueError(f"lam, eps_w: expected numbers, got {lam!r}, {eps_w!r}") from None
+    if not (0.0 <= lam_f <= 1.0):
+        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
+    if not (0.0 <= eps_f < 1.0):
+        raise ValueError(f"eps_w: expected a number in [0, 1), got {eps_w!r}")
+    return lam_f, eps_f
+
+
+def check_mask(mask: torch.Tensor | None, shape: Sequence[int]) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask: expected a bool tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected a bool tensor (True = token counts), got {mask.dtype}")
+    check_shape("mask", mask, shape, "one entry per token")
+
+
+def check_advantages(advantages: torch.Tensor, token_shape: Sequence[int]) -> None:
+    """Advantages are per sequence (``token_shape[:-1]``) or per token (``token_shape``)."""
+    check_float("advantages", advantages)
+    shape = _shape(advantages)
+    if shape not in (tuple(token_shape[:-1]), tuple(token_shape)):
+        raise ValueError(
+            f"advantages: expected shape {tuple(token_shape[:-1])} (one per sequence) or "
+            f"{tuple(token_shape)} (one per token), got {shape}"
+        )

@@ -1,0 +1,84 @@
+"""``contrastive_advantage``: the CEPO per-token weighting, for log-probs computed elsewhere.
+
+No gradient flows through it (advantages are constants in the policy loss).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cepo_kernels import _dispatch, _validate
+from cepo_kernels.reference.contrastive_advantage import (
+    accumulation_dtype,
+    contrastive_weights_reference,
+    token_advantages_and_sign,
+)
+
+OP = "contrastive_advantage"
+ORDER = ("cuda", "triton", "torch")
+DTYPES = {"torch": _validate.FLOAT_DTYPES}
+
+
+def weighting(backend, a_tok, sign, pos, neg, lam, eps_w, mask):
+    """``(advantages, weights)`` of ``pos.shape`` on ``backend``; inputs already validated."""
+    shape = tuple(pos.shape)
+    if backend == "torch":
+        dtype = accumulation_dtype(a_tok, pos, neg)
+        c, adv = contrastive_weights_reference(a_tok.to(dtype), sign.to(dtype), pos.to(dtype), neg.to(dtype), lam, eps_w, mask)
+        return adv, c
+    if backend == "triton":
+        from cepo_kernels.triton.contrastive_advantage import contrastive_advantage_fwd as launch
+    else:
+        from cepo_kernels.cuda.ops import contrastive_advantage_fwd as launch
+    adv, c = launch(a_tok.float(), sign.float(), pos, neg, lam, eps_w, mask)
+    return adv.view(shape), c.view(shape)
+
+
+@torch.no_grad()
+def contrastive_advantage(
+    advantages: torch.Tensor,
+    pos_logprobs: torch.Tensor,
+    neg_logprobs: torch.Tensor,
+    *,
+    lam: float,
+    eps_w: float,
+    mask: torch.Tensor | None = None,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token CEPO advantages from per-token log-probs under the two teacher contexts.
+
+    Args:
+        advantages: ``(..., )`` one per sequence, or ``(..., T)`` one per token; float.
+        pos_logprobs: ``(..., T)`` float, ``log P(y_t | prompt, r+, y<t)``.
+        neg_logprobs: ``(..., T)`` float, ``log P(y_t | prompt, r-, y<t)`` (RLSD: the policy's
+            own log-probs).
+        lam: in ``[0, 1]``; 0 gives GRPO (``A_t = A`` exactly).
+        eps_w: in ``[0, 1)``; the weight is clipped to ``[1 - eps_w, 1 + eps_w]``.
+        mask: bool ``(..., T)``, True where the token counts; None means all count.
+        return_weights: also return the clipped weights ``c_t``.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``A_t`` of shape ``(..., T)``, float32 (float64 for float64 inputs), and ``c_t`` if
+        ``return_weights``. With ``delta = pos - neg``, ``s = sign(A)`` per sequence (for
+        per-token advantages, the sign of the masked sum over ``T``)::
+
+            c_t = clip(exp(s * delta_t), 1 - eps_w, 1 + eps_w)   # 1 where delta is NaN or s == 0
+            A_t = A * ((1 - lam) + lam * c_t)                    # computed as A * (1 + lam * (c_t - 1))
+
+        ``A_t = 0`` and ``c_t = 1`` at masked tokens. Finite ``A`` never gives NaN or inf.
+    """
+    _validate.check_float("pos_logprobs", pos_logprobs, min_dim=1)
+    _validate.check_float("neg_logprobs", neg_logprobs, min_dim=1)
+    _validate.check_shape("neg_logprobs", neg_logprobs, pos_logprobs.shape, "same as pos_logprobs")
+    shape = tuple(pos_logprobs.shape)
+    _validate.check_advantages(advantages, shape)
+    _validate.check_mask(mask, shape)
+    _validate.check_same_device(advantages=advantages, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, mask=mask)
+    lam, eps_w = _validate.check_lam_eps(lam, eps_w)
+    chosen = _dispatch.resolve(OP, backend, ORDER, [advantages, pos_logprobs, neg_logprobs], dtypes=DTYPES)
+    dtype = accumulation_dtype(advantages, pos_logprobs, neg_logprobs) if chosen == "torch" else torch.float32
+    a_tok, sign = token_advantages_and_sign(advantages, shape, mask, dtype)
+    adv, c = weighting(chosen, a_tok, sign, pos_logprobs, neg_logprobs, lam, eps_w, mask)
+    return (adv, c) if return_weights else adv

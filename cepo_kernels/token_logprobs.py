@@ -1,0 +1,101 @@
+"""``token_logprobs``: per-token log-probs (and entropy) from logits, differentiable.
+
+Backends: ``triton`` (GPU; CPU under ``TRITON_INTERPRET=1``), ``torch`` (reference,
+chunked), and ``cuda`` where the compiled extension is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cepo_kernels import _dispatch, _validate
+from cepo_kernels.reference import token_logprobs as ref
+
+OP = "token_logprobs"
+ORDER = ("cuda", "triton", "torch")
+DTYPES = {"torch": _validate.FLOAT_DTYPES}
+
+
+def _impl(backend: str):
+    """(forward, backward) launchers of ``backend``, same signatures as the reference."""
+    if backend == "triton":
+        from cepo_kernels.triton import token_logprobs as tri
+
+        return tri.token_logprobs_fwd, tri.token_logprobs_bwd
+    if backend == "cuda":
+        from cepo_kernels.cuda import ops
+
+        return ops.token_logprobs_fwd, ops.token_logprobs_bwd
+    return ref.token_logprobs_forward, ref.token_logprobs_backward
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Autograd over 2-D logits; the backend chosen for the forward also runs the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, want_entropy, backend):
+        fwd, _ = _impl(backend)
+        logp, entropy, lse = fwd(logits, targets, temperature, ignore_index, want_entropy)
+        ctx.save_for_backward(logits, targets, lse, entropy if want_entropy else None)
+        ctx.cfg = (temperature, ignore_index, backend)
+        if want_entropy:
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, backend = ctx.cfg
+        _, bwd = _impl(backend)
+        grad = bwd(logits, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target token, ``log softmax(logits / temperature)[target]``.
+
+    Args:
+        logits: ``(..., V)`` float16/bfloat16/float32 (float64 on the torch backend). ``-inf``
+            entries are legal (a masked vocabulary); ``+inf`` and NaN are not.
+        targets: ``(...)`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        temperature: finite, > 0; the logits are divided by it before the softmax.
+        ignore_index: targets equal to it give log-prob 0, entropy 0 and zero gradient.
+        return_entropy: also return ``H = -sum_j p_j log p_j`` of the same distribution.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``logp`` of shape ``(...)``, float32 (float64 for float64 logits), and ``entropy`` of
+        the same shape and dtype if ``return_entropy``. A target whose logit is ``-inf`` gets
+        ``-inf``. Differentiable with respect to ``logits`` through both outputs:
+        ``dlogp/dz_j = 1[j == y] - p_j``, ``dH/dz_j = -p_j (z_j - sum_k p_k z_k)``, ``z = logits / T``.
+
+    Memory: O(N) extra besides the gradient; no ``(N, V)`` fp32 temporary is made.
+    """
+    _validate.check_float("logits", logits, min_dim=1)
+    _validate.check_int("targets", targets)
+    _validate.check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    _validate.check_same_device(logits=logits, targets=targets)
+    temperature = _validate.check_temperature(temperature)
+    vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("logits: expected a vocabulary dimension of at least 1, got 0")
+    _validate.check_targets("targets", targets, vocab, ignore_index)
+    chosen = _dispatch.resolve(OP, backend, ORDER, [logits], dtypes=DTYPES)
+
+    lead = logits.shape[:-1]
+    logits2d = logits.reshape(-1, vocab)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    targets1d = targets.reshape(-1)
+    out = TokenLogprobsFunction.apply(logits2d, targets1d, temperature, int(ignore_index), return_entropy, chosen)
+    if return_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)

@@ -33,15 +33,21 @@ def chunk_rows_for(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
 
 
+def scaled(x: torch.Tensor, acc: torch.dtype, temperature: float) -> torch.Tensor:
+    """``x / temperature`` in the accumulation dtype, as a fresh tensor."""
+    z = x.to(acc, copy=True)
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
 def row_stats(z: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``lse`` and (optionally) entropy of each row of scaled logits ``z`` (rows, V)."""
+    if not want_entropy:
+        return torch.logsumexp(z, dim=-1), None  # -inf for an all -inf row
     m = z.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # all -inf rows: no shift
     e = torch.exp(z - m)
     s = e.sum(-1)
     lse = m.squeeze(-1) + torch.log(s)
-    if not want_entropy:
-        return lse, None
     zs = z - m
     weighted = torch.where(e > 0, e * zs, torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1)
     entropy = torch.where(s > 0, torch.log(s) - weighted / s, torch.zeros_like(s))
@@ -70,7 +76,7 @@ def token_logprobs_forward(
         rows = slice(start, min(n, start + step))
         tgt = targets[rows].long()
         keep = tgt != ignore_index
-        z = logits[rows].to(acc) / temperature
+        z = scaled(logits[rows], acc, temperature)
         lse, ent = row_stats(z, want_entropy)
         z_t = z.gather(-1, torch.where(keep, tgt, 0).unsqueeze(-1)).squeeze(-1)
         lp = torch.where(torch.isneginf(lse), torch.full_like(lse, float("-inf")), z_t - lse)
@@ -102,7 +108,7 @@ def token_logprobs_backward(
         tgt = targets[rows].long()
         row_lse = lse[rows].unsqueeze(-1)
         live = (tgt != ignore_index) & ~torch.isneginf(lse[rows])
-        z = logits[rows].to(acc) / temperature
+        z = scaled(logits[rows], acc, temperature)
         p = torch.exp(z - torch.where(torch.isneginf(row_lse), torch.zeros_like(row_lse), row_lse))
         g = torch.zeros_like(z)
         if grad_logp is not None:

@@ -50,7 +50,10 @@ def test_contrastive_advantage_zero_advantage_and_float64():
     assert out.dtype == torch.float64 and torch.equal(out, torch.zeros_like(out))
 
 
-finite_adv = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
+# finite advantages; fp32 subnormals are left out (A * c may underflow to 0 there)
+finite_adv = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False).filter(
+    lambda x: x == 0 or abs(x) > 1e-30
+)
 logprob = st.one_of(
     st.floats(min_value=-200.0, max_value=0.0, allow_nan=False), st.just(float("-inf")), st.just(0.0)
 )

@@ -5,6 +5,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the property tests with a fixed seed (reproducible); locally they explore anew.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Must happen before any Triton kernel module is imported (kernels are imported lazily).
 if not torch.cuda.is_available():

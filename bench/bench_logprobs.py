@@ -73,12 +73,13 @@ def main(argv=None) -> list[dict]:
     x = logits.clone().requires_grad_()
     eager_out = eager_logprobs(x, targets)
     want_grad = torch.autograd.grad(eager_out, x, grad_up, retain_graph=True)[0]
-    add("token_logprobs_bwd", "eager", lambda: torch.autograd.grad(eager_out, x, grad_up, retain_graph=True), 2 * nbytes)
+    add(
+        "token_logprobs_bwd", "eager", lambda: torch.autograd.grad(eager_out, x, grad_up, retain_graph=True), 2 * nbytes
+    )
     for b in usable_backends([logits]):
         out = ck.token_logprobs(x, targets, backend=b)
         f = lambda out=out: torch.autograd.grad(out, x, grad_up, retain_graph=True)[0]  # noqa: E731
         add("token_logprobs_bwd", b, f, 2 * nbytes, lambda f=f: assert_close("bwd", f(), want_grad, 1e-2, 2e-2))
-    del x, eager_out, want_grad
 
     # contrastive_logprobs: three streams and the weighting
     pos = torch.randn(n, vocab, device=device, dtype=torch.bfloat16, generator=g) * 3
@@ -86,26 +87,45 @@ def main(argv=None) -> list[dict]:
     t3, p3, q3 = targets.view(1, n), pos.view(1, n, vocab), neg.view(1, n, vocab)
     adv = torch.tensor([0.8], device=device)
     (_, want_adv) = eager_contrastive(logits.view(1, n, vocab), p3, q3, t3, adv, 0.5, 0.2)
-    add("contrastive_logprobs", "eager", lambda: eager_contrastive(logits.view(1, n, vocab), p3, q3, t3, adv, 0.5, 0.2), 3 * nbytes)
+    add(
+        "contrastive_logprobs",
+        "eager",
+        lambda: eager_contrastive(logits.view(1, n, vocab), p3, q3, t3, adv, 0.5, 0.2),
+        3 * nbytes,
+    )
     for b in usable_backends([logits]):
-        f = lambda b=b: ck.contrastive_logprobs(logits.view(1, n, vocab), p3, q3, t3, adv, lam=0.5, eps_w=0.2, backend=b)  # noqa: E731
-        add("contrastive_logprobs", b, f, 3 * nbytes, lambda f=f: assert_close("contrastive", f().advantages, want_adv, 2e-3, 1e-3))
-    del pos, neg
+        f = lambda b=b: ck.contrastive_logprobs(
+            logits.view(1, n, vocab), p3, q3, t3, adv, lam=0.5, eps_w=0.2, backend=b
+        )  # noqa: E731
+        add(
+            "contrastive_logprobs",
+            b,
+            f,
+            3 * nbytes,
+            lambda f=f: assert_close("contrastive", f().advantages, want_adv, 2e-3, 1e-3),
+        )
 
     # contrastive_advantage alone (elementwise over B x T)
     bt = (n // 8, 8 * 64) if cuda and not args.quick else (8, 64)
     lp_pos = -torch.rand(bt, device=device, generator=g) * 5
     lp_neg = -torch.rand(bt, device=device, generator=g) * 5
     a = torch.randn(bt[0], device=device, generator=g)
-    w_eager = lambda: a.unsqueeze(-1) * ((1 - 0.5) + 0.5 * torch.exp(torch.sign(a).unsqueeze(-1) * (lp_pos - lp_neg)).clamp(0.8, 1.2))  # noqa: E731
+    w_eager = lambda: (
+        a.unsqueeze(-1) * ((1 - 0.5) + 0.5 * torch.exp(torch.sign(a).unsqueeze(-1) * (lp_pos - lp_neg)).clamp(0.8, 1.2))
+    )  # noqa: E731
     small = 4 * 3 * lp_pos.numel()
     add("contrastive_advantage", "eager", w_eager, small)
     for b in usable_backends([lp_pos]):
         f = lambda b=b: ck.contrastive_advantage(a, lp_pos, lp_neg, lam=0.5, eps_w=0.2, backend=b)  # noqa: E731
         add("contrastive_advantage", b, f, small, lambda f=f: assert_close("advantage", f(), w_eager(), 1e-5, 1e-5))
 
-    print(f"\nlogits path, {rows[0]['machine']}, N={n}, V={vocab}, bf16" + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""))
-    print_table(rows, ["case", "impl", "median_ms", "p20_ms", "p80_ms", "GB_s", "frac_of_copy_bw", "floor_ms", "peak_extra_GB"])
+    print(
+        f"\nlogits path, {rows[0]['machine']}, N={n}, V={vocab}, bf16"
+        + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "")
+    )
+    print_table(
+        rows, ["case", "impl", "median_ms", "p20_ms", "p80_ms", "GB_s", "frac_of_copy_bw", "floor_ms", "peak_extra_GB"]
+    )
     return rows
 
 

@@ -33,7 +33,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None when ``triton`` imports, else why it does not."""
     try:
@@ -44,7 +44,7 @@ def triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_extension_error() -> str | None:
     """None when the compiled extension ``cepo_kernels._C`` loads, else why not."""
     from cepo_kernels.cuda import extension_error
@@ -125,13 +125,9 @@ def resolve(
     """
     dtypes = dtypes or {}
     if requested != "auto" and requested not in BACKENDS:
-        raise ValueError(
-            f"backend: expected 'auto' or one of {list(order)} for {op}, got {requested!r}"
-        )
+        raise ValueError(f"backend: expected 'auto' or one of {list(order)} for {op}, got {requested!r}")
     if requested != "auto" and requested not in order:
-        raise ValueError(
-            f"backend: {op} has no {requested!r} implementation; expected 'auto' or one of {list(order)}"
-        )
+        raise ValueError(f"backend: {op} has no {requested!r} implementation; expected 'auto' or one of {list(order)}")
     candidates = list(order) if requested == "auto" else [requested]
     reasons = []
     for name in candidates:

@@ -58,9 +58,7 @@ def check_targets(
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"{name}: expected token ids in [0, {vocab_size}) or ignore_index={ignore_index}, found {bad}"
-        )
+        raise ValueError(f"{name}: expected token ids in [0, {vocab_size}) or ignore_index={ignore_index}, found {bad}")
 
 
 def check_temperature(temperature: float) -> float:

@@ -25,7 +25,9 @@ def weighting(backend, a_tok, sign, pos, neg, lam, eps_w, mask):
     shape = tuple(pos.shape)
     if backend == "torch":
         dtype = accumulation_dtype(a_tok, pos, neg)
-        c, adv = contrastive_weights_reference(a_tok.to(dtype), sign.to(dtype), pos.to(dtype), neg.to(dtype), lam, eps_w, mask)
+        c, adv = contrastive_weights_reference(
+            a_tok.to(dtype), sign.to(dtype), pos.to(dtype), neg.to(dtype), lam, eps_w, mask
+        )
         return adv, c
     if backend == "triton":
         from cepo_kernels.triton.contrastive_advantage import contrastive_advantage_fwd as launch

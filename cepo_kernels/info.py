@@ -13,7 +13,6 @@ import torch
 
 from cepo_kernels import _dispatch
 
-
 # The modules (one per op) that define ``OP`` and ``ORDER``.
 OP_MODULES = (
     "token_logprobs",
@@ -47,7 +46,9 @@ def report() -> str:
     try:
         import triton
 
-        lines.append(f"triton {triton.__version__}  (TRITON_INTERPRET={'on' if _dispatch.triton_interpreting() else 'off'})")
+        lines.append(
+            f"triton {triton.__version__}  (TRITON_INTERPRET={'on' if _dispatch.triton_interpreting() else 'off'})"
+        )
     except Exception as exc:
         lines.append(f"triton: not usable ({exc})")
     if torch.cuda.is_available():

@@ -32,4 +32,5 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return f"torch {torch.__version__}, CUDA devices: {torch.cuda.device_count()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    interpret = os.environ.get("TRITON_INTERPRET", "0")
+    return f"torch {torch.__version__}, CUDA devices: {torch.cuda.device_count()}, TRITON_INTERPRET={interpret}"

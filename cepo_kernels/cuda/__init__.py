@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension_error() -> str | None:
     """None when the compiled extension loads and CUDA is usable, else the reason."""
     try:

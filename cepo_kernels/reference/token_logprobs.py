@@ -116,7 +116,7 @@ def token_logprobs_backward(
             g = -gl * p
             g.scatter_add_(-1, torch.where(live, tgt, 0).unsqueeze(-1), gl)
         if grad_entropy is not None:
-            mean_z = (row_lse - entropy[rows].unsqueeze(-1))
+            mean_z = row_lse - entropy[rows].unsqueeze(-1)
             term = torch.where(p > 0, p * (z - mean_z), torch.zeros((), dtype=acc, device=z.device))
             g = g - grad_entropy[rows].to(acc).unsqueeze(-1) * term
         g = torch.where(live.unsqueeze(-1), g / temperature, torch.zeros((), dtype=acc, device=z.device))

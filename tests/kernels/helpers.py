@@ -68,7 +68,9 @@ def reference_weighting64(advantages, pos, neg, lam, eps_w, mask):
 
 
 def assert_close(got, want, atol, rtol, what=""):
-    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), atol=atol, rtol=rtol, equal_nan=False, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.double().cpu(), want.double().cpu(), atol=atol, rtol=rtol, equal_nan=False, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def rel_frobenius(got, want) -> float:

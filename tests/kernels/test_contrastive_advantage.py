@@ -54,9 +54,7 @@ def test_contrastive_advantage_zero_advantage_and_float64():
 finite_adv = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False).filter(
     lambda x: x == 0 or abs(x) > 1e-30
 )
-logprob = st.one_of(
-    st.floats(min_value=-200.0, max_value=0.0, allow_nan=False), st.just(float("-inf")), st.just(0.0)
-)
+logprob = st.one_of(st.floats(min_value=-200.0, max_value=0.0, allow_nan=False), st.just(float("-inf")), st.just(0.0))
 
 
 @st.composite
@@ -97,7 +95,9 @@ def test_contrastive_advantage_backends_agree(case):
     adv, pos, neg, lam, eps_w, mask = case
     dev = device_for("triton")
     a = ck.contrastive_advantage(adv, pos, neg, lam=lam, eps_w=eps_w, mask=mask, backend="torch")
-    b = ck.contrastive_advantage(adv.to(dev), pos.to(dev), neg.to(dev), lam=lam, eps_w=eps_w, mask=mask.to(dev), backend="triton")
+    b = ck.contrastive_advantage(
+        adv.to(dev), pos.to(dev), neg.to(dev), lam=lam, eps_w=eps_w, mask=mask.to(dev), backend="triton"
+    )
     torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=0)
 
 

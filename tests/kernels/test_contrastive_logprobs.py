@@ -48,7 +48,9 @@ def test_contrastive_logprobs_forward_matches_reference(backend, dtype, vocab, p
     b, t = (2, 3) if vocab < 32003 else (1, 3)
     streams, targets, adv, mask = make_case(b, t, vocab, dtype, device, seed=vocab + per_token, per_token=per_token)
     # small temperature widens the log-prob gaps so weights hit both clip bounds
-    out = ck.contrastive_logprobs(*streams, targets, adv, lam=0.7, eps_w=0.3, temperature=0.5, mask=mask, backend=backend)
+    out = ck.contrastive_logprobs(
+        *streams, targets, adv, lam=0.7, eps_w=0.3, temperature=0.5, mask=mask, backend=backend
+    )
     lps, adv64, w64 = reference(streams, targets, adv, mask, 0.7, 0.3, 0.5)
     for got, want, name in zip(out[:3], lps, ["policy", "pos", "neg"]):
         assert got.dtype == torch.float32 and got.shape == (b, t)
@@ -68,7 +70,9 @@ def test_contrastive_logprobs_equals_separate_ops(backend):
     singles = [ck.token_logprobs(s, targets, temperature=1.2, backend=backend) for s in streams]
     for got, want in zip(out[:3], singles):
         assert torch.equal(got, want)
-    adv_sep, w_sep = ck.contrastive_advantage(adv, singles[1], singles[2], lam=0.4, eps_w=0.2, return_weights=True, backend=backend)
+    adv_sep, w_sep = ck.contrastive_advantage(
+        adv, singles[1], singles[2], lam=0.4, eps_w=0.2, return_weights=True, backend=backend
+    )
     assert_close(out.advantages, adv_sep, 0, 0, "advantages")
     assert_close(out.weights, w_sep, 0, 0, "weights")
 
@@ -77,7 +81,9 @@ def test_contrastive_logprobs_equals_separate_ops(backend):
 def test_contrastive_logprobs_without_policy(backend):
     device = device_for(backend)
     streams, targets, adv, mask = make_case(2, 5, 64, torch.float32, device, seed=8)
-    out = ck.contrastive_logprobs(None, streams[1], streams[2], targets, adv, lam=1.0, eps_w=0.5, mask=mask, backend=backend)
+    out = ck.contrastive_logprobs(
+        None, streams[1], streams[2], targets, adv, lam=1.0, eps_w=0.5, mask=mask, backend=backend
+    )
     full = ck.contrastive_logprobs(*streams, targets, adv, lam=1.0, eps_w=0.5, mask=mask, backend=backend)
     assert out.policy is None
     assert torch.equal(out.pos, full.pos) and torch.equal(out.advantages, full.advantages)
@@ -112,7 +118,9 @@ def test_contrastive_logprobs_sign_from_masked_sum_of_token_advantages(backend):
     streams, targets, _, _ = make_case(1, 3, 20, torch.float32, device, seed=1, with_mask=False)
     adv = torch.tensor([[1.0, 1.0, -5.0]], device=device)
     mask = torch.tensor([[True, True, False]], device=device)  # masked sum is +2 -> sign +1
-    out = ck.contrastive_logprobs(*streams, targets, adv, lam=1.0, eps_w=0.9, temperature=0.3, mask=mask, backend=backend)
+    out = ck.contrastive_logprobs(
+        *streams, targets, adv, lam=1.0, eps_w=0.9, temperature=0.3, mask=mask, backend=backend
+    )
     lps, adv64, w64 = reference(streams, targets, adv, mask, 1.0, 0.9, 0.3)
     assert_close(out.weights, w64, 1e-5, 1e-5, "weights")
     d = (out.pos - out.neg)[0, :2]

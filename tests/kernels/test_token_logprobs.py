@@ -76,7 +76,7 @@ def test_token_logprobs_backward_matches_reference(backend, dtype, vocab):
 def test_token_logprobs_backward_logp_only_and_entropy_only(backend):
     device = device_for(backend)
     logits, targets = make_case((5,), 300, torch.float32, device, seed=3)
-    for use_lp, use_ent in [(True, False), (False, True)]:
+    for use_lp in (True, False):  # log-prob gradient only, then entropy gradient only
         x = logits.clone().requires_grad_()
         lp, ent = ck.token_logprobs(x, targets, return_entropy=True, backend=backend)
         w = torch.linspace(-2, 3, 5, device=device)
@@ -144,7 +144,9 @@ def test_token_logprobs_neg_inf_target_and_rows(backend):
     assert lp[0].item() == -math.inf and lp[3].item() == -math.inf and ent[3].item() == 0
     want_lp, want_ent = reference_logprobs64(logits[1:3], targets[1:3])
     assert_close(lp[1:3], want_lp, 1e-6, 1e-6, "finite rows")
-    assert_close(ent[:3], reference_logprobs64(logits[:3], torch.tensor([1, 1, 4], device=device))[1], 1e-6, 1e-6, "ent")
+    assert_close(
+        ent[:3], reference_logprobs64(logits[:3], torch.tensor([1, 1, 4], device=device))[1], 1e-6, 1e-6, "ent"
+    )
     (lp[1:3].sum() + ent.sum()).backward()
     assert torch.all(torch.isfinite(x.grad))
     assert torch.all(x.grad[:, ::3] == 0) and torch.all(x.grad[3] == 0)
@@ -242,13 +244,25 @@ def test_token_logprobs_64bit_offsets_on_gpu():
 
 BAD_INPUTS = {
     "shape": (lambda: (torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long)), {}, "targets: expected shape"),
-    "int_logits": (lambda: (torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long)), {}, "logits: expected a float"),
+    "int_logits": (
+        lambda: (torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
+        {},
+        "logits: expected a float",
+    ),
     "float_targets": (lambda: (torch.randn(2, 5), torch.zeros(2)), {}, "targets: expected an integer"),
     "target_too_big": (lambda: (torch.randn(2, 5), torch.tensor([1, 5])), {}, "found 5"),
     "target_negative": (lambda: (torch.randn(2, 5), torch.tensor([-3, 1])), {}, "found -3"),
     "temperature_zero": (lambda: (torch.randn(2, 5), torch.tensor([1, 2])), {"temperature": 0.0}, "temperature"),
-    "temperature_nan": (lambda: (torch.randn(2, 5), torch.tensor([1, 2])), {"temperature": float("nan")}, "temperature"),
-    "temperature_inf": (lambda: (torch.randn(2, 5), torch.tensor([1, 2])), {"temperature": float("inf")}, "temperature"),
+    "temperature_nan": (
+        lambda: (torch.randn(2, 5), torch.tensor([1, 2])),
+        {"temperature": float("nan")},
+        "temperature",
+    ),
+    "temperature_inf": (
+        lambda: (torch.randn(2, 5), torch.tensor([1, 2])),
+        {"temperature": float("inf")},
+        "temperature",
+    ),
     "unknown_backend": (lambda: (torch.randn(2, 5), torch.tensor([1, 2])), {"backend": "tpu"}, "backend: expected"),
     "cuda_backend_on_cpu": (lambda: (torch.randn(2, 5), torch.tensor([1, 2])), {"backend": "cuda"}, "cuda: "),
     "empty_vocab": (lambda: (torch.randn(2, 0), torch.tensor([0, 0])), {}, "vocabulary"),

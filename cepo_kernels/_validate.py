@@ -49,16 +49,16 @@ def check_targets(
 ) -> None:
     """Targets must lie in ``[0, vocab_size)`` except ``ignore_index`` and positions where
     ``valid`` is False. One small reduction (a device sync on GPU)."""
-    keep = targets != ignore_index
-    if valid is not None:
-        keep = keep & valid
-    if targets.numel() == 0 or not bool(keep.any()):
+    if targets.numel() == 0:
         return
-    t = targets[keep]
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name}: expected token ids in [0, {vocab_size}) or ignore_index={ignore_index}, found {bad}")
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if valid is not None:
+        bad = bad & valid
+    if bool(bad.any()):  # the only sync; the example value is looked up on failure alone
+        example = int(targets[bad].flatten()[0])
+        raise ValueError(
+            f"{name}: expected token ids in [0, {vocab_size}) or ignore_index={ignore_index}, found {example}"
+        )
 
 
 def check_temperature(temperature: float) -> float:

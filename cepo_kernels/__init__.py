@@ -7,6 +7,10 @@ Public API (v1), each with ``backend="auto" | "cuda" | "triton" | "torch"``:
   three streams of log-probs and the CEPO advantages in one pass over each logits row.
 - ``contrastive_advantage(advantages, pos_logprobs, neg_logprobs, ...)``: the weighting alone.
 - ``group_advantages(rewards, group_size, ...)``: GRPO's group-normalised advantages.
+- ``linear_token_logprobs(hidden, weight, targets, ...)``: log-probs (and entropy) from hidden
+  states and the LM-head weight, no N x V logits; differentiable (hidden, weight, bias).
+- ``linear_contrastive_logprobs(policy_hidden, pos_hidden, neg_hidden, weight, targets, advantages, ...)``:
+  three contexts + CEPO weighting from hidden states, one read of each weight tile.
 
 ``python -m cepo_kernels.info`` prints versions and which backend each op would use.
 """
@@ -14,6 +18,8 @@ Public API (v1), each with ``backend="auto" | "cuda" | "triton" | "torch"``:
 from cepo_kernels.contrastive_advantage import contrastive_advantage
 from cepo_kernels.contrastive_logprobs import ContrastiveLogprobs, contrastive_logprobs
 from cepo_kernels.group_advantages import group_advantages
+from cepo_kernels.linear_contrastive_logprobs import linear_contrastive_logprobs
+from cepo_kernels.linear_token_logprobs import linear_token_logprobs
 from cepo_kernels.token_logprobs import token_logprobs
 
 __version__ = "0.1.0"
@@ -23,5 +29,7 @@ __all__ = [
     "contrastive_advantage",
     "contrastive_logprobs",
     "group_advantages",
+    "linear_contrastive_logprobs",
+    "linear_token_logprobs",
     "token_logprobs",
 ]

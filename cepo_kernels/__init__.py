@@ -11,6 +11,8 @@ Public API (v1), each with ``backend="auto" | "cuda" | "triton" | "torch"``:
   states and the LM-head weight, no N x V logits; differentiable (hidden, weight, bias).
 - ``linear_contrastive_logprobs(policy_hidden, pos_hidden, neg_hidden, weight, targets, advantages, ...)``:
   three contexts + CEPO weighting from hidden states, one read of each weight tile.
+- ``tree_attention(q, k, v, segments, ...)``: shared-prefix (tree) attention over a packed row
+  whose segments point to their parents, so a group's prompt is encoded once.
 
 ``python -m cepo_kernels.info`` prints versions and which backend each op would use.
 """
@@ -21,6 +23,7 @@ from cepo_kernels.group_advantages import group_advantages
 from cepo_kernels.linear_contrastive_logprobs import linear_contrastive_logprobs
 from cepo_kernels.linear_token_logprobs import linear_token_logprobs
 from cepo_kernels.token_logprobs import token_logprobs
+from cepo_kernels.tree_attention import TreeLayout, tree_attention, tree_layout
 
 __version__ = "0.1.0"
 
@@ -32,4 +35,7 @@ __all__ = [
     "linear_contrastive_logprobs",
     "linear_token_logprobs",
     "token_logprobs",
+    "TreeLayout",
+    "tree_attention",
+    "tree_layout",
 ]

@@ -1,0 +1,438 @@
+"""tree_attention: forward (output, log-sum-exp) and backward (dQ, dK, dV) against a float64 dense
+reference written here from the segment table by plain loops; block enumeration; input checks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cepo_kernels.reference.tree_attention import TreeLayout, tree_attention_forward, tree_attention_sdpa
+from cepo_kernels.tree_attention import tree_attention, tree_layout
+from tests.kernels.helpers import DTYPE_IDS
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# max |err| / max |ref| for the output and each gradient (inputs rounded to the dtype first, so
+# this measures the kernel's own rounding: p in the dtype before the P @ V / dS @ K products).
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float64: 1e-12}
+
+
+def random_table(seed: int, batch: int, T: int, max_segments: int = 9, max_len: int = 9):
+    """A random forest per row: depth <= 3, lengths in {0, 1, odd, even}, segments laid out in a
+    random order with random gaps (padding) between them."""
+    rng = random.Random(seed)
+    starts, lens, parents = [], [], []
+    for _ in range(batch):
+        n = rng.randint(1, max_segments)
+        depth, parent, length = [], [], []
+        for s in range(n):
+            p = -1 if s == 0 or rng.random() < 0.15 else rng.randrange(s)
+            while p >= 0 and depth[p] >= 3:
+                p = parent[p]
+            parent.append(p)
+            depth.append(0 if p < 0 else depth[p] + 1)
+            length.append(rng.choice([0, 1, rng.randint(2, max_len), rng.randint(2, max_len)]))
+        while sum(length) > T:
+            length[rng.randrange(n)] //= 2
+        order = list(range(n))
+        rng.shuffle(order)
+        start = [0] * n
+        col, free = 0, T - sum(length)
+        for s in order:
+            gap = rng.randint(0, min(free, 3))
+            col += gap
+            free -= gap
+            start[s] = col
+            col += length[s]
+        starts.append(start)
+        lens.append(length)
+        parents.append(parent)
+    width = max(len(s) for s in starts)
+
+    def pad(rows, fill):
+        return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    return pad(starts, 0), pad(lens, 0), pad(parents, -1)
+
+
+def long_table():
+    """Two rows of 64 with segments long enough that whole 16 x 16 blocks are visible."""
+    seg_start = torch.tensor([[0, 21, 38, 64], [0, 34, 51, 62]])
+    seg_len = torch.tensor([[21, 17, 26, 0], [34, 17, 11, 0]])
+    seg_parent = torch.tensor([[-1, 0, 1, 2], [-1, 0, 0, -1]])
+    seg_start[0, 3] = 0  # an empty segment
+    return seg_start, seg_len, seg_parent
+
+
+def dense_mask64(seg_start, seg_len, seg_parent, T) -> torch.Tensor:
+    """(B, T, T) bool by loops: query i sees key j iff j's segment is a proper ancestor of i's, or
+    both share a segment and j <= i."""
+    batch, n_seg = seg_start.shape
+    mask = torch.zeros(batch, T, T, dtype=torch.bool)
+    for b in range(batch):
+        owner = [-1] * T
+        for s in range(n_seg):
+            for t in range(int(seg_start[b, s]), int(seg_start[b, s] + seg_len[b, s])):
+                owner[t] = s
+        for i in range(T):
+            a = owner[i]
+            if a < 0:
+                continue
+            ancestors, p = set(), int(seg_parent[b, a])
+            while p >= 0:
+                ancestors.add(p)
+                p = int(seg_parent[b, p])
+            for j in range(T):
+                c = owner[j]
+                mask[b, i, j] = c >= 0 and (c in ancestors or (c == a and j <= i))
+    return mask
+
+
+def reference64(q, k, v, mask, scale):
+    """float64 ``(out, lse)`` by explicit softmax; differentiable."""
+    heads = q.shape[1]
+    group = heads // k.shape[1]
+    kk = k.double().repeat_interleave(group, 1)
+    vv = v.double().repeat_interleave(group, 1)
+    s = (q.double() @ kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    return p @ vv, lse
+
+
+def make_qkv(seed, batch, heads, kv_heads, T, D, dtype, device):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, h, T, D, generator=g).to(dtype).to(device).requires_grad_(True)
+        for h in (heads, kv_heads, kv_heads)
+    ]
+
+
+def rel_err(got, want) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), "non-finite entries differ"
+    if not bool(finite.any()):
+        return 0.0
+    scale = want[finite].abs().max().clamp(min=1e-30)
+    return float((got.double()[finite] - want[finite]).abs().max() / scale)
+
+
+def device_for(backend):
+    return "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+
+
+CASES = [
+    # (seed, batch, heads, kv_heads, T, D, longest segment)
+    pytest.param(1, 2, 4, 2, 37, 16, 9, id="gqa2-T37"),
+    pytest.param(2, 1, 2, 2, 64, 16, 9, id="mha-T64"),
+    pytest.param(3, 2, 3, 1, 23, 12, 9, id="mqa-T23-D12"),
+    pytest.param(5, 2, 2, 1, 64, 16, 40, id="long-segments-T64"),  # blocks wholly visible: mask skipped
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("seed,batch,heads,kv_heads,T,D,max_len", CASES)
+def test_tree_attention_forward_backward_matches_reference(backend, dtype, seed, batch, heads, kv_heads, T, D, max_len):
+    device = device_for(backend)
+    seg = long_table() if max_len > 9 else random_table(seed, batch, T, max_len=max_len)
+    mask = dense_mask64(*seg, T).to(device)
+    q, k, v = make_qkv(seed, batch, heads, kv_heads, T, D, dtype, device)
+    scale = D**-0.5
+    out, lse = tree_attention(q, k, v, tuple(t.to(device) for t in seg), backend=backend)
+    want_out, want_lse = reference64(q, k, v, mask, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.shape == q.shape[:-1]
+    assert rel_err(out, want_out) < TOL[dtype]
+    assert rel_err(lse, want_lse) < 1e-5
+    # padding queries: zero output, -inf lse
+    pad = ~mask.any(-1)
+    assert bool((out.double()[pad[:, None].expand_as(lse)] == 0).all())
+    assert bool(torch.isneginf(lse[pad[:, None].expand_as(lse)]).all())
+
+    g = torch.Generator().manual_seed(seed + 100)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device)
+    grad_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(device)
+
+    def loss(o, lse_):
+        finite = torch.isfinite(lse_)
+        return (o.double() * grad_out).sum() + (torch.where(finite, lse_.double(), 0.0) * grad_lse).sum()
+
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want = torch.autograd.grad(loss(want_out, want_lse), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype, name
+        assert rel_err(a, b) < TOL[dtype] * 2, f"d{name}: {rel_err(a, b)}"
+
+
+def test_tree_attention_torch_backend_float64_is_exact():
+    seg = random_table(7, 2, 30)
+    q, k, v = make_qkv(7, 2, 4, 2, 30, 8, torch.float64, "cpu")
+    out, lse = tree_attention(q, k, v, seg, backend="torch")
+    want_out, want_lse = reference64(q, k, v, dense_mask64(*seg, 30), 8**-0.5)
+    assert out.dtype == torch.float64 and lse.dtype == torch.float64
+    assert rel_err(out, want_out) < 1e-13 and rel_err(lse, want_lse) < 1e-13
+    gq, gk, gv = torch.autograd.grad(out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), (q, k, v))
+    wq, wk, wv = torch.autograd.grad(
+        want_out.sum() + torch.where(torch.isfinite(want_lse), want_lse, 0).sum(), (q, k, v)
+    )
+    for a, b in ((gq, wq), (gk, wk), (gv, wv)):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_tree_attention_sdpa_path_matches_explicit():
+    seg = random_table(11, 2, 40)
+    layout = TreeLayout(*seg, 40)
+    q, k, v = (t.detach() for t in make_qkv(11, 2, 4, 2, 40, 16, torch.float64, "cpu"))
+    got = tree_attention_sdpa(q, k, v, layout, 0.3)
+    want, _ = tree_attention_forward(q, k, v, layout, 0.3)
+    assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("blocks", [(16, 16), (8, 32), (4, 4), (64, 64)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_tree_layout_block_lists_are_exactly_the_needed_blocks(seed, blocks):
+    T = 61
+    seg = random_table(seed, 3, T, max_segments=12)
+    layout = TreeLayout(*seg, T)
+    bm, bn = blocks
+    mask = dense_mask64(*seg, T)
+    assert torch.equal(layout.dense_mask(), mask)
+    nq, nk = -(-T // bm), -(-T // bn)
+    padded = torch.zeros(3, nq * bm, nk * bn, dtype=torch.bool)
+    padded[:, :T, :T] = mask
+    need = padded.view(3, nq, bm, nk, bn).any(4).any(2)
+    # a block is "full" when all its pairs are visible (queries and keys all real tokens)
+    real_q = torch.zeros(3, nq * bm, dtype=torch.bool)
+    real_q[:, :T] = layout.seg >= 0
+    real_k = torch.zeros(3, nk * bn, dtype=torch.bool)
+    real_k[:, :T] = layout.seg >= 0
+    all_vis = (padded | ~real_q[:, :, None] | ~real_k[:, None, :]).view(3, nq, bm, nk, bn).all(4).all(2)
+    all_real = real_q.view(3, nq, bm).all(-1)[:, :, None] & real_k.view(3, nk, bn).all(-1)[:, None, :]
+    q2k_idx, q2k_cnt, q2k_full, k2q_idx, k2q_cnt, k2q_full = layout.block_lists(bm, bn)
+    listed = torch.zeros_like(need)
+    listed_t = torch.zeros_like(need)
+    full = torch.zeros_like(need)
+    full_t = torch.zeros_like(need)
+    for b in range(3):
+        for i in range(nq):
+            cols = q2k_idx[b, i, : q2k_cnt[b, i]].long()
+            listed[b, i, cols] = True
+            full[b, i, cols] = q2k_full[b, i, : q2k_cnt[b, i]].bool()
+            assert torch.equal(cols, cols.sort().values)
+        for j in range(nk):
+            rows = k2q_idx[b, j, : k2q_cnt[b, j]].long()
+            listed_t[b, rows, j] = True
+            full_t[b, rows, j] = k2q_full[b, j, : k2q_cnt[b, j]].bool()
+    assert torch.equal(listed, need)
+    assert torch.equal(listed_t, need)
+    assert torch.equal(full, full_t)
+    # "full" is never claimed wrongly; it may be missed only where a block spans two segments
+    assert not bool((full & ~(all_vis & all_real & need)).any())
+    assert torch.equal(full, layout.full_blocks(bm, bn) & need)
+
+
+def test_tree_attention_permuting_segments_in_the_row_changes_nothing():
+    """The same tree laid out in another order gives the same per-token results."""
+    T = 30
+    seg_start = torch.tensor([[0, 6, 9, 13, 20, 25]])
+    seg_len = torch.tensor([[6, 3, 4, 7, 5, 0]])
+    seg_parent = torch.tensor([[-1, 0, 0, 1, 2, 1]])
+    q, k, v = (t.detach() for t in make_qkv(3, 1, 2, 1, T, 8, torch.float64, "cpu"))
+    out, lse = tree_attention(q, k, v, (seg_start, seg_len, seg_parent))
+    # new order of the same segments: 4, 2, 0, 3, 1 (+ empty 5), with a gap of 2 at the front
+    new_start = torch.tensor([[11, 24, 7, 17, 2, 0]])
+    perm = torch.full((T,), -1, dtype=torch.long)  # perm[new index] = old index
+    for s in range(6):
+        for t in range(int(seg_len[0, s])):
+            perm[new_start[0, s] + t] = seg_start[0, s] + t
+    used = perm >= 0
+    src = torch.where(used, perm, 29)
+    q2, k2, v2 = (x[:, :, src] for x in (q, k, v))
+    out2, lse2 = tree_attention(q2, k2, v2, (new_start, seg_len, seg_parent))
+    assert torch.allclose(out2[:, :, used], out[:, :, perm[used]], atol=1e-13, rtol=0)
+    assert torch.allclose(lse2[:, :, used], lse[:, :, perm[used]], atol=1e-13, rtol=0)
+    assert bool(torch.isneginf(lse2[:, :, ~used]).all())
+
+
+@pytest.mark.parametrize(
+    "seg_start,seg_len,seg_parent,match",
+    [
+        ([[0, 3]], [[4, 2]], [[-1, 0]], "overlap"),
+        ([[0, 4]], [[4, 2]], [[1, 0]], "chain of parents"),
+        ([[0, 1, 2, 3, 4]], [[1, 1, 1, 1, 1]], [[-1, 0, 1, 2, 3]], "MAX_DEPTH"),
+        ([[0, 4]], [[4, 2]], [[-1, 5]], "seg_parent"),
+        ([[0, 4]], [[4, 9]], [[-1, 0]], "past the row"),
+        ([[0, 4]], [[4, 2]], [[-1, 1]], "own parent"),
+    ],
+    ids=["overlap", "cycle", "too-deep", "bad-parent", "too-long", "self-parent"],
+)
+def test_tree_attention_rejects_bad_segment_tables(seg_start, seg_len, seg_parent, match):
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(ValueError, match=match):
+        tree_attention(
+            q, q[:, :1], q[:, :1], (torch.tensor(seg_start), torch.tensor(seg_len), torch.tensor(seg_parent))
+        )
+
+
+def test_tree_attention_rejects_bad_shapes():
+    seg = (torch.tensor([[0]]), torch.tensor([[10]]), torch.tensor([[-1]]))
+    q = torch.randn(1, 3, 10, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        tree_attention(q, q[:, :2], q[:, :2], seg)
+    with pytest.raises(ValueError, match="one dtype"):
+        tree_attention(q, q[:, :1].double(), q[:, :1].double(), seg)
+    with pytest.raises(ValueError, match="layout is for"):
+        tree_attention(q, q[:, :1], q[:, :1], tree_layout(*seg, 12))
+    with pytest.raises(ValueError, match="backend"):
+        tree_attention(q, q[:, :1], q[:, :1], seg, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: DTYPE_IDS[d])
+def test_tree_attention_triton_matches_reference_at_model_shapes(dtype):
+    """Qwen3-1.7B heads (16 / 8, head dim 128), two groups of prompt | r+ | r- | 3 x 4 responses per row."""
+    lens, parents = [], []
+    for _ in range(2):
+        base = len(lens)
+        lens += [333, 16, 0] + [97, 200, 1, 64] * 3
+        parents += [-1, base, base] + [base] * 4 + [base + 1] * 4 + [base + 2] * 4
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    T = sum(lens) + 5  # padding at the end
+    seg = (torch.tensor([starts]), torch.tensor([lens]), torch.tensor([parents]))
+    q, k, v = make_qkv(0, 1, 16, 8, T, 128, dtype, "cuda")
+    out, lse = tree_attention(q, k, v, tuple(t.cuda() for t in seg), backend="triton")
+    layout = TreeLayout(*(t.cuda() for t in seg), T)
+    want_out, want_lse = tree_attention_forward(q.double(), k.double(), v.double(), layout, 128**-0.5)
+    assert rel_err(out, want_out) < TOL[dtype]
+    assert rel_err(lse, want_lse) < 1e-5
+    g = torch.randn(out.shape, device="cuda", dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * g).sum(), (q, k, v))
+    want = torch.autograd.grad((want_out * g).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        assert rel_err(a, b) < TOL[dtype] * 2, name
+
+
+# --- ahead-of-time compile for sm_90 (H100) without a GPU: the interpreter is more permissive than the compiler
+
+
+def _aot_signature(kind: str, dt: str) -> dict:
+    qkv = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}"}
+    meta = {
+        "seg_ptr": "*i32",
+        "depth_ptr": "*i32",
+        "anc_ptr": "*i32",
+        "blk_idx_ptr": "*i32",
+        "blk_full_ptr": "*i32",
+        "blk_cnt_ptr": "*i32",
+    }
+    strides = {f"stride_{t}{d}": "i64" for t in "qkv" for d in ("b", "h", "t")}
+    anc = {"stride_anc_b": "i64", "stride_anc_d": "i64"}
+    if kind == "fwd":
+        ptrs = {**qkv, "o_ptr": f"*{dt}", "lse_ptr": "*fp32", **meta}
+        sizes = {n: "i32" for n in ("T", "H", "GROUP", "D", "NQ", "MAXK")} | {"scale_log2": "fp32"}
+        extra = {"stride_ob": "i64", "stride_oh": "i64", "stride_ot": "i64"}
+    else:
+        grads = {"dk_ptr": f"*{dt}", "dv_ptr": f"*{dt}"} if kind == "dkdv" else {"dq_ptr": f"*{dt}"}
+        ptrs = {**qkv, "do_ptr": f"*{dt}", "lse_ptr": "*fp32", "delta_ptr": "*fp32", **grads, **meta}
+        names = (
+            ("T", "H", "HK", "GROUP", "D", "NK", "MAXQ") if kind == "dkdv" else ("T", "H", "GROUP", "D", "NQ", "MAXK")
+        )
+        sizes = {n: "i32" for n in names} | {"scale": "fp32"}
+        extra = {"stride_dob": "i64", "stride_doh": "i64", "stride_dot": "i64"}
+    consts = {c: "constexpr" for c in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION", "UPCAST")}
+    return {**ptrs, **sizes, **strides, **extra, **anc, **consts}
+
+
+AOT_KERNELS = {"fwd": "_tree_attn_fwd_kernel", "dkdv": "_tree_attn_bwd_dkdv_kernel", "dq": "_tree_attn_bwd_dq_kernel"}
+
+
+def _aot_main() -> None:
+    """Compile the three kernels (bf16, 64 x 64 blocks, head dim 128) with the launch options the
+    module uses; report spills from the cubin's resource usage when cuobjdump ships with Triton."""
+    import json
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cepo_kernels.triton import tree_attention as tri
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for kind, kernel in AOT_KERNELS.items():
+        sig = _aot_signature(kind, "bf16")
+        names = list(sig)
+        aligned = [n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "D"]
+        consts = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "PRECISION": "tf32", "UPCAST": False}
+        options = tri.FWD_OPTIONS if kind == "fwd" else tri.BWD_OPTIONS
+        r = {"case": kind, "ok": False}
+        try:
+            src = ASTSource(
+                fn=getattr(tri, kernel),
+                signature=sig,
+                constexprs=consts,
+                attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+            )
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(options))
+            r.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), wgmma="wgmma.mma_async" in compiled.asm["ptx"])
+            r["vector_loads"] = bool(re.search(r"ld\.global(\.\w+)*\.v4\.b32", compiled.asm["ptx"]))
+            if cuobjdump.exists():
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run(
+                        [str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True
+                    ).stdout
+                stack = re.search(r"STACK:(\d+)", usage)
+                r["stack_bytes"] = int(stack.group(1)) if stack else None
+        except Exception as exc:
+            r["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        print(json.dumps(r), flush=True)
+
+
+def test_tree_attention_kernels_compile_for_sm90_bf16():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.test_tree_attention"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    results = {r["case"]: r for r in map(json.loads, (x for x in proc.stdout.splitlines() if x.startswith("{")))}
+    assert set(results) == set(AOT_KERNELS), proc.stderr[-3000:]
+    for kind, r in results.items():
+        assert r["ok"], f"{kind}: {r.get('error')}"
+        assert r["cubin_bytes"] > 0 and r["vector_loads"] and r["wgmma"], kind
+        assert r.get("stack_bytes") in (None, 0), f"{kind}: register spills ({r['stack_bytes']} B of stack)"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("n_seg", [0, 2], ids=["no-segments", "empty-segments"])
+def test_tree_attention_all_padding_gives_zero_output_and_zero_grads(backend, n_seg):
+    device = device_for(backend)
+    q, k, v = make_qkv(0, 1, 2, 1, 9, 16, torch.float32, device)
+    empty = torch.zeros(1, n_seg, dtype=torch.long, device=device)
+    out, lse = tree_attention(q, k, v, (empty, empty, empty - 1), backend=backend)
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(bool((g == 0).all()) for g in grads)
+
+
+if __name__ == "__main__":
+    _aot_main()

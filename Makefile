@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m bench.run_all --quick
+	$(PY) -m cepo.demo --out runs/demo
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

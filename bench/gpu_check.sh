@@ -42,10 +42,11 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then
   exit 0
 fi
 
+export CEPO_CUDA_JIT=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # build csrc/ on first use
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 step cuda_build 240 python3 -c "from cepo_kernels.cuda import jit; jit.load(verbose=True)"
 step info 60 python3 -m cepo_kernels.info
-step tests 240 python3 -m pytest -q tests/kernels -p no:cacheprovider -x
+step tests 240 python3 -m pytest -q tests/kernels -p no:cacheprovider
 step bench_logprobs 120 python3 -m bench.bench_logprobs --out "$OUT"
 step bench_cuda 120 python3 -m bench.bench_cuda_logprobs --out "$OUT"
 step bench_linear 180 python3 -m bench.bench_linear_logprobs --out "$OUT"

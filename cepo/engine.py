@@ -1,0 +1,164 @@
+"""DeepSpeed set-up: process group, model (optionally LoRA), optimizer, LR schedule, engine.
+
+- ``deepspeed.initialize`` with ZeRO stage 0-3, bf16 or fp32, gradient accumulation and clipping.
+- The optimizer is AdamW that skips (and counts) a step whose gradients are not all finite; the
+  decision is all-reduced so every rank skips together. Under bf16 with ZeRO, DeepSpeed's own
+  overflow check skips first; both counts are reported as ``skipped_steps``.
+- LR: linear warm-up over ``warmup_steps`` optimizer steps, then cosine to ``lr * min_lr_ratio``.
+- On a machine without CUDA: ``DS_ACCELERATOR=cpu`` and the gloo backend; a single process needs no
+  launcher (the rendezvous variables are filled in).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(dist_backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed; returns ``(rank, world_size, device)``."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # a plain `python` / `cepo` process: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def load_policy(cfg, *, for_training: bool = True):
+    """The HF causal LM at ``cfg.model.path`` (fp32 weights; DeepSpeed casts for bf16), LoRA-wrapped if asked."""
+    from transformers import AutoModelForCausalLM
+
+    mcfg = cfg.model
+    if not os.path.isdir(mcfg.path):
+        raise FileNotFoundError(f"model directory not found: {mcfg.path}")
+    model = AutoModelForCausalLM.from_pretrained(
+        mcfg.path, dtype=torch.float32, attn_implementation=mcfg.attn_implementation
+    )
+    if mcfg.gradient_checkpointing and for_training:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if mcfg.lora and for_training:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(
+            r=mcfg.lora_r,
+            lora_alpha=mcfg.lora_alpha,
+            lora_dropout=mcfg.lora_dropout,
+            target_modules=list(mcfg.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lcfg)
+    return model
+
+
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW whose ``step`` does nothing (and counts it) if any gradient is NaN or inf.
+
+    ``overflow`` is set for DeepSpeed, which then also skips the LR scheduler step.
+    """
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        self.skipped = 0
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        bad = torch.zeros((), dtype=torch.float32)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.fill_(1.0)
+        if torch.distributed.is_initialized():
+            bad = bad.to(_comm_device())
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        self.overflow = bool(bad.item())
+        if self.overflow:
+            self.skipped += 1
+            return None
+        return super().step(closure)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Multiplier of the base LR at optimizer step ``s`` (0-based): linear warm-up, then cosine."""
+
+    def f(s: int) -> float:
+        if warmup_steps and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        p = min(1.0, (s - warmup_steps) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return f
+
+
+def ds_config(cfg, grad_accum: int) -> dict:
+    """The DeepSpeed config dict for this run."""
+    zero = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model, cfg, *, total_optimizer_steps: int, grad_accum: int):
+    """``(engine, optimizer)`` from ``deepspeed.initialize``; ``optimizer`` is our AdamW."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = SkipNonFiniteAdamW(
+        params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, total_optimizer_steps, cfg.optim.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, grad_accum)
+    )
+    return engine, optimizer
+
+
+def skipped_steps(engine, optimizer: SkipNonFiniteAdamW) -> int:
+    """Optimizer steps skipped for non-finite gradients, by DeepSpeed or by our AdamW."""
+    if engine.optimizer is optimizer:  # DeepSpeed read our `overflow` flag and counted it itself
+        return engine.skipped_steps
+    return engine.skipped_steps + optimizer.skipped
+
+
+def unwrap(engine):
+    """The HF (or peft) model inside the engine."""
+    return engine.module

@@ -1,0 +1,81 @@
+"""Shared fixtures for the trainer tests: a tiny tokenizer, model and data set built locally."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cepo import demo
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """``{"model", "train", "eval"}`` paths: a random-init 2-layer Qwen3 and 64 + 16 arithmetic problems."""
+    out = str(tmp_path_factory.mktemp("assets"))
+    paths = demo.make_data(out, seed=1, n_sft=8, n_rl=64, n_eval=16)
+    model_dir = os.path.join(out, "model")
+    tok = demo.build_tokenizer(model_dir)
+    demo.build_model(model_dir, tok, seed=1, **TINY)
+    paths["model"] = model_dir
+    return paths
+
+
+def make_config(assets: dict, out: str, **kw) -> list[str]:
+    """A fast config as a YAML file (its path and no overrides): 2 prompts x 4 rollouts of at most
+    12 tokens, fp32, ZeRO 0, one step. ``a__b=v`` sets ``a.b``."""
+    values = {
+        "model.path": assets["model"],
+        "data.train_file": assets["train"],
+        "data.instruction": "Answer in \\boxed{}.",
+        "output_dir": out,
+        "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4,
+        "rollout.max_new_tokens": 12,
+        "optim.micro_batch_size": 8,
+        "optim.lr": 1e-2,
+        "optim.logprob_backend": "torch",
+        "steps": 1,
+        "save_every": 0,
+        "progress_bar": False,
+        "algorithm.teacher_template": "\nAnswer: {answer}\n",
+        # a random model never gets the arithmetic right: a reward that varies within groups
+        "reward.functions": ["tests.trainer.rewards:digit_count"],
+        "reward.math_verify": False,
+    }
+    values.update({k.replace("__", "."): v for k, v in kw.items()})
+    tree: dict = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "test_config.yaml")
+    OmegaConf.save(OmegaConf.create(tree), path)
+    return path
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().float() for k, v in model.named_parameters()}
+
+
+def write_jsonl(path: str, rows: list) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path

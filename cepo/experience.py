@@ -23,37 +23,9 @@ import torch
 
 from cepo.hf_attention import packed_forward
 from cepo.packing import CONTEXTS, Group, PackedGroups, pack_groups
+from cepo_kernels.linear_token_logprobs import linear_token_logprobs
 
 IGNORE = -100
-
-
-def _fallback_linear_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Plain ``log_softmax((hidden @ W^T + b) / T)[y]`` in the inputs' dtype (materialises logits)."""
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    keep = targets != ignore_index
-    got = logp.gather(-1, torch.where(keep, targets, 0)[..., None]).squeeze(-1)
-    return torch.where(keep, got, torch.zeros_like(got))
-
-
-def default_logprob_fn() -> Callable[..., torch.Tensor]:
-    """``cepo_kernels.linear_token_logprobs`` (fused LM head), or the plain fallback if absent."""
-    try:
-        from cepo_kernels.linear_token_logprobs import linear_token_logprobs
-    except ImportError:
-        return _fallback_linear_token_logprobs
-    return linear_token_logprobs
 
 
 # The call site is switchable: set to a function with linear_token_logprobs' signature, or None for the default.
@@ -97,7 +69,7 @@ def packed_response_logprobs(
     Differentiable when grad is enabled.
     """
     contexts = tuple(contexts or packed.contexts)
-    fn = logprob_fn or LOGPROB_FN or default_logprob_fn()
+    fn = logprob_fn or LOGPROB_FN or linear_token_logprobs
     device = next(model.parameters()).device
     table = packed.table.to(device) if packed.table.input_ids.device != device else packed.table
     hidden = packed_forward(model, table, backend=backend)  # (R, T, hidden)

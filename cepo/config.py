@@ -92,6 +92,7 @@ class OptimConfig:
     loss_agg: str = "token_mean"  # "token_mean" (global over the mini-batch) or "seq_mean"
     kl_coef: float = 0.0  # KL to the reference model (k3 estimator); 0 loads no reference
     logprob_backend: str = "auto"  # cepo_kernels backend for token log-probs
+    fused_head: bool = False  # log-probs from hidden states (linear_token_logprobs): no B x R x V logits
 
 
 @dataclass
@@ -146,6 +147,11 @@ def validate(cfg: TrainConfig) -> None:
     _choice("optim.logprob_backend", cfg.optim.logprob_backend, ("auto", "torch", "triton", "cuda"))
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {cfg.engine.zero_stage!r}")
+    if cfg.optim.fused_head and cfg.engine.zero_stage == 3:
+        raise ValueError(
+            "optim.fused_head: not supported with engine.zero_stage=3 (the LM-head weight is partitioned "
+            "outside the model's forward); use zero_stage <= 2 or fused_head=false"
+        )
     for name in (
         "rollout.prompts_per_step",
         "rollout.group_size",

@@ -64,14 +64,61 @@ def build_batch(
     return Batch(input_ids, attention_mask, position_ids, targets_t, targets_t != -100)
 
 
+def causal_lm(model):
+    """The transformers causal LM inside a DeepSpeed engine and/or a peft wrapper."""
+    lm = getattr(model, "module", model)  # DeepSpeed engine
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft (LoRA layers stay injected)
+
+
+def fused_head_logprobs(
+    model, batch: Batch, *, temperature: float, backend: str, return_entropy: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Same result as the logits path, computed from the decoder's hidden states and the LM-head
+    weight by ``cepo_kernels.linear_token_logprobs``: no ``(B, R, V)`` logits are made."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ValueError(
+            f"optim.fused_head: needs a plain nn.Linear LM head, got {type(head).__name__} "
+            "(e.g. LoRA on lm_head); set optim.fused_head=false"
+        )
+    r = batch.targets.shape[1]
+    hidden = lm.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state[:, -(r + 1) : -1, :]
+    return cepo_kernels.linear_token_logprobs(
+        hidden.to(head.weight.dtype),
+        head.weight,
+        batch.targets,
+        temperature=temperature,
+        bias=head.bias,
+        return_entropy=return_entropy,
+        backend="auto" if backend == "cuda" else backend,  # the hidden-state ops have no cuda backend
+    )
+
+
 def forward_logprobs(
-    model, batch: Batch, *, temperature: float = 1.0, backend: str = "auto", return_entropy: bool = False
+    model,
+    batch: Batch,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    return_entropy: bool = False,
+    fused_head: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(B, R)`` float32 log-probs of the response tokens (0 at padding), differentiable.
 
     ``model`` is any causal LM taking ``input_ids, attention_mask, position_ids, logits_to_keep``
-    (a transformers model, a peft model or a DeepSpeed engine around one).
+    (a transformers model, a peft model or a DeepSpeed engine around one). With ``fused_head`` the
+    LM head is fused into the log-prob kernel (:func:`fused_head_logprobs`).
     """
+    if fused_head:
+        return fused_head_logprobs(
+            model, batch, temperature=temperature, backend=backend, return_entropy=return_entropy
+        )
     r = batch.targets.shape[1]
     out = model(
         input_ids=batch.input_ids,
@@ -88,11 +135,12 @@ def forward_logprobs(
 
 @torch.no_grad()
 def batched_logprobs(
-    model, batch: Batch, *, micro_batch_size: int, temperature: float, backend: str, device
+    model, batch: Batch, *, micro_batch_size: int, temperature: float, backend: str, device, fused_head: bool = False
 ) -> torch.Tensor:
     """:func:`forward_logprobs` without gradients, ``micro_batch_size`` rows at a time; ``(B, R)`` on CPU."""
     outs = []
     for start in range(0, batch.input_ids.shape[0], micro_batch_size):
         mb = batch.rows(slice(start, start + micro_batch_size)).to(device)
-        outs.append(forward_logprobs(model, mb, temperature=temperature, backend=backend).float().cpu())
+        logp = forward_logprobs(model, mb, temperature=temperature, backend=backend, fused_head=fused_head)
+        outs.append(logp.float().cpu())
     return torch.cat(outs, 0) if outs else torch.zeros(0, batch.targets.shape[1])

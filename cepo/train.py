@@ -188,6 +188,7 @@ class Trainer:
             temperature=self.cfg.rollout.temperature,
             backend=self.cfg.optim.logprob_backend,
             device=self.device,
+            fused_head=self.cfg.optim.fused_head,
         )
 
     def teacher_ids(self, answer: str) -> list[int]:
@@ -310,6 +311,7 @@ class Trainer:
                     temperature=self.cfg.rollout.temperature,
                     backend=cfg.logprob_backend,
                     return_entropy=True,
+                    fused_head=cfg.fused_head,
                 )
                 loss, st = ppo_loss(
                     logp,

@@ -8,11 +8,7 @@ from __future__ import annotations
 import torch
 
 from cepo_kernels import _dispatch, _validate
-from cepo_kernels.reference.contrastive_advantage import (
-    accumulation_dtype,
-    contrastive_weights_reference,
-    token_advantages_and_sign,
-)
+from cepo_kernels.reference.contrastive_advantage import contrastive_advantage_reference, token_advantages_and_sign
 
 OP = "contrastive_advantage"
 # Triton first: the cuda backend has not yet been measured faster on a GPU (see README).
@@ -20,21 +16,14 @@ ORDER = ("triton", "cuda", "torch")
 DTYPES = {"torch": _validate.FLOAT_DTYPES}
 
 
-def weighting(backend, a_tok, sign, pos, neg, lam, eps_w, mask):
-    """``(advantages, weights)`` of ``pos.shape`` on ``backend``; inputs already validated."""
-    shape = tuple(pos.shape)
-    if backend == "torch":
-        dtype = accumulation_dtype(a_tok, pos, neg)
-        c, adv = contrastive_weights_reference(
-            a_tok.to(dtype), sign.to(dtype), pos.to(dtype), neg.to(dtype), lam, eps_w, mask
-        )
-        return adv, c
+def _launch(backend, a_tok, sign, pos, neg, lam, eps_w, mask):
+    """Run the triton or cuda kernel on fp32 per-token ``a_tok``/``sign``; ``(advantages, weights)``."""
     if backend == "triton":
         from cepo_kernels.triton.contrastive_advantage import contrastive_advantage_fwd as launch
     else:
         from cepo_kernels.cuda.ops import contrastive_advantage_fwd as launch
-    adv, c = launch(a_tok.float(), sign.float(), pos, neg, lam, eps_w, mask)
-    return adv.view(shape), c.view(shape)
+    adv, c = launch(a_tok, sign, pos, neg, lam, eps_w, mask)
+    return adv.view(pos.shape), c.view(pos.shape)
 
 
 @torch.no_grad()
@@ -81,7 +70,11 @@ def contrastive_advantage(
     _validate.check_same_device(advantages=advantages, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, mask=mask)
     lam, eps_w = _validate.check_lam_eps(lam, eps_w)
     chosen = _dispatch.resolve(OP, backend, ORDER, [advantages, pos_logprobs, neg_logprobs], dtypes=DTYPES)
-    dtype = accumulation_dtype(advantages, pos_logprobs, neg_logprobs) if chosen == "torch" else torch.float32
-    a_tok, sign = token_advantages_and_sign(advantages, shape, mask, dtype)
-    adv, c = weighting(chosen, a_tok, sign, pos_logprobs, neg_logprobs, lam, eps_w, mask)
+    if chosen == "torch":
+        adv, c = contrastive_advantage_reference(
+            advantages, pos_logprobs, neg_logprobs, lam=lam, eps_w=eps_w, mask=mask
+        )
+    else:
+        a_tok, sign = token_advantages_and_sign(advantages, shape, mask, torch.float32)
+        adv, c = _launch(chosen, a_tok, sign, pos_logprobs, neg_logprobs, lam, eps_w, mask)
     return (adv, c) if return_weights else adv

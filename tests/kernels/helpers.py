@@ -3,7 +3,6 @@ makers, and tolerances per dtype."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -76,9 +75,3 @@ def assert_close(got, want, atol, rtol, what=""):
 def rel_frobenius(got, want) -> float:
     got, want = got.double().cpu(), want.double().cpu()
     return float((got - want).norm() / want.norm().clamp_min(1e-300))
-
-
-skip_without_triton = pytest.mark.skipif(
-    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-    reason="triton needs a GPU or TRITON_INTERPRET=1",
-)

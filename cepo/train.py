@@ -180,7 +180,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ one RL step
     def logprobs(self, model, contexts, responses, width):
-        batch = build_batch(contexts, responses, self.tokenizer.pad_token_id, response_width=width)
+        """``(B, width)`` no-grad log-probs of ``responses`` after ``contexts``."""
+        return self.batch_logprobs(
+            model, build_batch(contexts, responses, self.tokenizer.pad_token_id, response_width=width)
+        )
+
+    def batch_logprobs(self, model, batch):
         return batched_logprobs(
             model,
             batch,
@@ -246,11 +251,11 @@ class Trainer:
         batch = build_batch(contexts, responses, self.tokenizer.pad_token_id, response_width=width)
         mask = batch.mask
         with timed(t, "logprob_old"):
-            old_logp = self.logprobs(self.engine.module, contexts, responses, width)
+            old_logp = self.batch_logprobs(self.engine.module, batch)
         ref_logp = None
         if self.ref_model is not None:
             with timed(t, "logprob_ref"):
-                ref_logp = self.logprobs(self.ref_model, contexts, responses, width)
+                ref_logp = self.batch_logprobs(self.ref_model, batch)
 
         lam = lam_at(k, acfg.lam, acfg.lam_schedule, acfg.lam_decay_steps) if acfg.name != "grpo" else 0.0
         m: dict = {"lam": lam}

@@ -104,14 +104,16 @@ def contrastive_token_advantages(
     eps_w: float,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_t, c_t)``, both ``(B, T)`` float32, from ``(B,)`` advantages and ``(B, T)`` log-probs.
+    """``(A_t, c_t)``, both ``(B, T)`` float32 (float64 for float64 log-probs), from ``(B,)``
+    advantages and ``(B, T)`` log-probs.
 
     Rows where ``pos == neg`` (e.g. the GRPO fallback) get ``A_t = A`` exactly.
     """
+    acc = torch.float64 if pos_logprobs.dtype == torch.float64 else torch.float32
     return cepo_kernels.contrastive_advantage(
-        seq_advantages.float(),
-        pos_logprobs.float(),
-        neg_logprobs.float(),
+        seq_advantages.to(acc),
+        pos_logprobs.to(acc),
+        neg_logprobs.to(acc),
         lam=lam,
         eps_w=eps_w,
         mask=mask,

@@ -18,6 +18,9 @@ would treat restarting position ids as separate sequences and drop the shared pr
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
+
 import torch
 
 from cepo_kernels.tree_attention import TreeLayout, tree_attention
@@ -27,6 +30,8 @@ SEGMENTS_KWARG = "tree_segments"
 BACKEND_KWARG = "tree_backend"
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 _FLASH_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# The decoder needs no log-sum-exp: the kernels then take their cheapest path (SDPA on the CPU).
+_NO_LSE = {"need_lse": False} if "need_lse" in inspect.signature(tree_attention).parameters else {}
 
 
 def cepo_tree_attention_forward(
@@ -68,7 +73,9 @@ def cepo_tree_attention_forward(
             f"{IMPL} attention: {SEGMENTS_KWARG} is for rows of {layout.seq_len} tokens, got queries of "
             f"{query.shape[2]} and keys of {key.shape[2]} (a KV cache is not supported)"
         )
-    out, _ = tree_attention(query, key, value, layout, scale=scaling, backend=kwargs.get(BACKEND_KWARG, "auto"))
+    out, _ = tree_attention(
+        query, key, value, layout, scale=scaling, backend=kwargs.get(BACKEND_KWARG, "auto"), **_NO_LSE
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -119,6 +126,36 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
     model.set_attn_implementation(IMPL)
     check_model(model)
     return model
+
+
+def supports(model: torch.nn.Module) -> str | None:
+    """``None`` when ``model`` (a causal LM, possibly inside peft / DeepSpeed) can run packed tree
+    attention, else the reason it cannot."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"tree attention supports model types {SUPPORTED_MODEL_TYPES}, not {model_type!r}"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention is not supported with tree attention"
+    return None
+
+
+@contextmanager
+def tree_mode(model: torch.nn.Module):
+    """Run the body with ``model`` switched to ``"cepo_tree"`` attention, then switch it back.
+
+    The weights are untouched: only the attention function that every layer looks up at call
+    time changes, so ``generate`` keeps SDPA (and its KV cache) while the scoring and update passes
+    share the prompt. Nesting is fine."""
+    before = model.config._attn_implementation
+    if before != IMPL:
+        register()
+        model.set_attn_implementation(IMPL)
+    try:
+        yield model
+    finally:
+        if before != IMPL:
+            model.set_attn_implementation(before)
 
 
 def packed_forward(model: torch.nn.Module, table, *, backend: str = "auto", **kwargs) -> torch.Tensor:

@@ -137,10 +137,11 @@ def forward_logprobs(
 def batched_logprobs(
     model, batch: Batch, *, micro_batch_size: int, temperature: float, backend: str, device, fused_head: bool = False
 ) -> torch.Tensor:
-    """:func:`forward_logprobs` without gradients, ``micro_batch_size`` rows at a time; ``(B, R)`` on CPU."""
+    """:func:`forward_logprobs` without gradients, ``micro_batch_size`` rows at a time; ``(B, R)``
+    float32 (float64 for a float64 model) on the CPU."""
     outs = []
     for start in range(0, batch.input_ids.shape[0], micro_batch_size):
         mb = batch.rows(slice(start, start + micro_batch_size)).to(device)
         logp = forward_logprobs(model, mb, temperature=temperature, backend=backend, fused_head=fused_head)
-        outs.append(logp.float().cpu())
+        outs.append((logp if logp.dtype == torch.float64 else logp.float()).cpu())
     return torch.cat(outs, 0) if outs else torch.zeros(0, batch.targets.shape[1])

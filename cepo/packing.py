@@ -12,7 +12,13 @@ len(r+)``), so with tree attention every token sees exactly the keys and positio
 its own unshared sequence. Groups are laid end to end in rows of at most ``max_row_len`` tokens
 (first fit, in order) and rows are right-padded; padding belongs to no segment.
 
-For the update pass pack with ``contexts=("policy",)``: the prompt is shared by the G responses.
+A group may carry fewer contexts than the pack (``Group.contexts``): a CEPO group without a usable
+``r-`` packs only ``policy`` and ``pos``. For the update pass pack with ``contexts=("policy",)``:
+the prompt is shared by the G responses.
+
+Packing builds plain Python lists once and converts each table with one ``torch.tensor`` call;
+the per-token index tables (:meth:`PackedGroups.predict_index`) are computed with tensor ops from
+per-response arrays, with no Python loop over responses.
 """
 
 from __future__ import annotations
@@ -34,12 +40,30 @@ class Group:
 
     ``pos_answer`` / ``neg_answer`` are the ``r+`` / ``r-`` token ids (empty when absent: the
     teacher context then equals the policy context). ``responses`` are the G rollouts' tokens.
+    ``contexts``: the contexts packed for this group (a subset of the pack's); None packs all.
     """
 
     prompt: Sequence[int]
     responses: Sequence[Sequence[int]]
     pos_answer: Sequence[int] = ()
     neg_answer: Sequence[int] = ()
+    contexts: tuple[str, ...] | None = None
+
+    def packed_size(self, contexts: Sequence[str] = CONTEXTS) -> int:
+        """Tokens this group occupies in a pack with ``contexts``."""
+        ctx = self.contexts_in(contexts)
+        resp = sum(len(r) for r in self.responses)
+        return (
+            len(self.prompt)
+            + (len(self.pos_answer) if "pos" in ctx else 0)
+            + (len(self.neg_answer) if "neg" in ctx else 0)
+            + resp * len(ctx)
+        )
+
+    def contexts_in(self, contexts: Sequence[str]) -> tuple[str, ...]:
+        if self.contexts is None:
+            return tuple(contexts)
+        return tuple(c for c in contexts if c in self.contexts)
 
 
 @dataclass
@@ -80,86 +104,104 @@ class SegmentTable:
 
 
 @dataclass
-class ResponseSlot:
-    """Where one response (group ``group``, rollout ``rollout``, context ``context``) lies in the pack."""
-
-    group: int
-    rollout: int
-    context: str
-    row: int
-    segment: int
-    start: int  # packed column of the first response token
-    length: int
-    prev: int  # packed column of the token that predicts the first response token, -1 if none
-
-
-@dataclass
 class PackedGroups:
     """A :class:`SegmentTable` plus where every response is. Responses are numbered ``n = 0..N-1``
-    in input order (group by group, rollout by rollout); ``N = sum_g G_g``."""
+    in input order (group by group, rollout by rollout); ``N = sum_g G_g``.
+
+    Per packed response copy ``i`` (one per response and context present), ``slot_*`` are ``(M,)``
+    int64 tensors: ``slot_ctx`` (index into ``contexts``), ``slot_n`` (response number),
+    ``slot_row``, ``slot_start`` (packed column of its first token), ``slot_len`` and ``slot_prev``
+    (column of the token that predicts its first token, -1 if none).
+    """
 
     table: SegmentTable
-    slots: list[ResponseSlot]
     contexts: tuple[str, ...]
     n_responses: int
     max_response_len: int
     response_ids: list[Sequence[int]]
     group_offsets: list[int]  # response number of each group's first rollout
+    slot_ctx: torch.Tensor
+    slot_n: torch.Tensor
+    slot_row: torch.Tensor
+    slot_start: torch.Tensor
+    slot_len: torch.Tensor
+    slot_prev: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens run through the decoder for this pack (rows x row length, padding included)."""
+        return int(self.table.input_ids.numel())
 
     def predict_index(self, context: str) -> torch.Tensor:
         """``(N, L)`` int64 flat packed index ``row * T + col`` of the position whose output
         predicts response token ``t`` under ``context`` (the previous token; for ``t = 0`` the last
-        token of the parent chain). ``-1`` past the response's end or where nothing precedes it."""
+        token of the parent chain). ``-1`` past the response's end, where nothing precedes it, or
+        for responses of groups that do not carry ``context``."""
         if context not in self.contexts:
             raise ValueError(f"context: expected one of {self.contexts}, got {context!r}")
-        T = self.table.input_ids.shape[1]
-        out = torch.full((self.n_responses, self.max_response_len), -1, dtype=torch.long)
-        for slot in self.slots:
-            if slot.context != context:
-                continue
-            n = self._index(slot)
-            if slot.length == 0:
-                continue
-            cols = torch.arange(slot.start - 1, slot.start + slot.length - 1)
-            cols[0] = slot.prev
-            idx = torch.where(cols >= 0, slot.row * T + cols, torch.full_like(cols, -1))
-            out[n, : slot.length] = idx
-        return out.to(self.table.input_ids.device)
+        key = ("predict", context)
+        if key not in self._cache:
+            T = self.table.input_ids.shape[1]
+            L = self.max_response_len
+            sel = self.slot_ctx == self.contexts.index(context)
+            n, row, start = self.slot_n[sel], self.slot_row[sel], self.slot_start[sel]
+            length, prev = self.slot_len[sel], self.slot_prev[sel]
+            t = torch.arange(L)
+            cols = start[:, None] + t[None, :] - 1
+            cols[:, 0] = prev
+            ok = (t[None, :] < length[:, None]) & (cols >= 0)
+            idx = torch.where(ok, row[:, None] * T + cols, torch.full_like(cols, -1))
+            out = torch.full((self.n_responses, L), -1, dtype=torch.long)
+            out[n] = idx
+            self._cache[key] = out.to(self.table.input_ids.device)
+        return self._cache[key]
 
     def targets(self, ignore_index: int = -100) -> torch.Tensor:
         """``(N, L)`` int64 response token ids, ``ignore_index`` past each response's end."""
-        out = torch.full((self.n_responses, self.max_response_len), ignore_index, dtype=torch.long)
-        for n, ids in enumerate(self.response_ids):
-            if len(ids):
-                out[n, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        return out.to(self.table.input_ids.device)
+        L = self.max_response_len
+        rows = [list(ids) + [ignore_index] * (L - len(ids)) for ids in self.response_ids]
+        return torch.tensor(rows, dtype=torch.long).view(self.n_responses, L).to(self.table.input_ids.device)
 
     def mask(self) -> torch.Tensor:
         """``(N, L)`` bool, True on real response tokens."""
         lens = torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)
         return (torch.arange(self.max_response_len)[None, :] < lens[:, None]).to(self.table.input_ids.device)
 
-    def _index(self, slot: ResponseSlot) -> int:
-        return self.group_offsets[slot.group] + slot.rollout
 
-
-def _group_segments(group: Group, contexts: Sequence[str]) -> list[tuple[str, int, list[int], str | None, int]]:
+def _group_segments(group: Group, contexts: Sequence[str]) -> list[tuple[str, int, Sequence[int], str | None, int]]:
     """Segments of one group as ``(kind, rollout, tokens, parent kind, position offset)``."""
-    prompt = list(group.prompt)
-    segs: list[tuple[str, int, list[int], str | None, int]] = [("prompt", -1, prompt, None, 0)]
-    if "pos" in contexts:
-        segs.append(("pos_answer", -1, list(group.pos_answer), "prompt", len(prompt)))
-    if "neg" in contexts:
-        segs.append(("neg_answer", -1, list(group.neg_answer), "prompt", len(prompt)))
-    for ctx in contexts:
-        parent = _PARENT[ctx]
-        offset = (
-            len(prompt)
-            + {"prompt": 0, "pos_answer": len(group.pos_answer), "neg_answer": len(group.neg_answer)}[parent]
-        )
+    prompt = group.prompt
+    ctx = group.contexts_in(contexts)
+    segs: list[tuple[str, int, Sequence[int], str | None, int]] = [("prompt", -1, prompt, None, 0)]
+    if "pos" in ctx:
+        segs.append(("pos_answer", -1, group.pos_answer, "prompt", len(prompt)))
+    if "neg" in ctx:
+        segs.append(("neg_answer", -1, group.neg_answer, "prompt", len(prompt)))
+    mid = {"prompt": 0, "pos_answer": len(group.pos_answer), "neg_answer": len(group.neg_answer)}
+    for c in ctx:
+        parent = _PARENT[c]
+        offset = len(prompt) + mid[parent]
         for i, resp in enumerate(group.responses):
-            segs.append((ctx, i, list(resp), parent, offset))
+            segs.append((c, i, resp, parent, offset))
     return segs
+
+
+def first_fit(sizes: Sequence[int], capacity: int | None) -> list[list[int]]:
+    """Indices of ``sizes`` placed first-fit, in order, into bins of at most ``capacity``
+    (``None``: one bin). An item larger than ``capacity`` gets a bin of its own."""
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i, size in enumerate(sizes):
+        for b, u in enumerate(used):
+            if capacity is None or u + size <= capacity:
+                bins[b].append(i)
+                used[b] += size
+                break
+        else:
+            bins.append([i])
+            used.append(size)
+    return bins
 
 
 def pack_groups(
@@ -169,17 +211,21 @@ def pack_groups(
     max_row_len: int | None = None,
     pad_id: int = 0,
     pad_to_multiple: int = 1,
+    response_width: int | None = None,
 ) -> PackedGroups:
     """Pack ``groups`` into rows of shared-prefix segment trees.
 
     Args:
         groups: the groups, each with ``G >= 1`` responses (G may differ between groups).
         contexts: which response contexts to include, a subset of ``("policy", "pos", "neg")``
-            in any order; ``r+`` / ``r-`` segments are included only for ``pos`` / ``neg``.
+            in any order; ``r+`` / ``r-`` segments are included only for ``pos`` / ``neg``. A
+            group's own ``contexts`` narrows this for that group.
         max_row_len: most tokens per row; groups are placed first-fit in order. ``None``: every
             group in one row. A group longer than ``max_row_len`` raises ``ValueError``.
         pad_id: token id of padding.
         pad_to_multiple: round the row length up to a multiple of this.
+        response_width: ``L`` of the ``(N, L)`` outputs (default: the longest response); must be
+            at least the longest response.
 
     Returns:
         :class:`PackedGroups`; ``table.input_ids`` has shape ``(R, T)``.
@@ -189,60 +235,76 @@ def pack_groups(
         raise ValueError(f"contexts: expected distinct names from {CONTEXTS}, got {contexts}")
     if not groups:
         raise ValueError("groups: expected at least one group")
+    for gi, g in enumerate(groups):
+        if g.contexts is not None and any(c not in contexts for c in g.contexts):
+            raise ValueError(f"groups[{gi}].contexts: {g.contexts} is not a subset of the pack's {contexts}")
     per_group = [_group_segments(g, contexts) for g in groups]
     sizes = [sum(len(s[2]) for s in segs) for segs in per_group]
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for gi, size in enumerate(sizes):
-        if max_row_len is not None and size > max_row_len:
-            raise ValueError(f"max_row_len: group {gi} packs to {size} tokens, more than {max_row_len}")
-        for r, u in enumerate(used):
-            if max_row_len is None or u + size <= max_row_len:
-                rows[r].append(gi)
-                used[r] += size
-                break
-        else:
-            rows.append([gi])
-            used.append(size)
-    T = max(1, max(used))
+    if max_row_len is not None:
+        for gi, size in enumerate(sizes):
+            if size > max_row_len:
+                raise ValueError(f"max_row_len: group {gi} packs to {size} tokens, more than {max_row_len}")
+    rows = first_fit(sizes, max_row_len)
+    T = max(1, max(sum(sizes[g] for g in row) for row in rows))
     T = -(-T // pad_to_multiple) * pad_to_multiple
     S = max(sum(len(per_group[g]) for g in row) for row in rows)
-    R = len(rows)
-    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((R, T), dtype=torch.long)
-    seg_start = torch.zeros((R, S), dtype=torch.long)
-    seg_len = torch.zeros((R, S), dtype=torch.long)
-    seg_parent = torch.full((R, S), -1, dtype=torch.long)
-    seg_pos = torch.zeros((R, S), dtype=torch.long)
-    slots: list[ResponseSlot] = []
-    for r, row in enumerate(rows):
-        col, s = 0, 0
-        for gi in row:
-            index_of: dict[str, int] = {}
-            last_col: dict[str, int] = {}  # last token column of each context segment's chain
-            for kind, rollout, toks, parent, offset in per_group[gi]:
-                n = len(toks)
-                seg_start[r, s], seg_len[r, s], seg_pos[r, s] = col, n, offset
-                if n:
-                    input_ids[r, col : col + n] = torch.as_tensor(toks, dtype=torch.long)
-                    position_ids[r, col : col + n] = torch.arange(offset, offset + n)
-                if parent is not None:
-                    seg_parent[r, s] = index_of[parent]
-                if rollout < 0:
-                    index_of[kind] = s
-                    chain_last = last_col.get(parent, -1) if parent is not None else -1
-                    last_col[kind] = col + n - 1 if n else chain_last
-                else:
-                    slots.append(ResponseSlot(gi, rollout, kind, r, s, col, n, last_col[parent]))
-                col += n
-                s += 1
-    table = SegmentTable(input_ids, position_ids, seg_start, seg_len, seg_parent, seg_pos)
-    response_ids = [list(resp) for g in groups for resp in g.responses]
-    max_len = max(1, max(len(x) for x in response_ids))
     offsets = [0]
     for g in groups[:-1]:
         offsets.append(offsets[-1] + len(g.responses))
-    return PackedGroups(table, slots, contexts, len(response_ids), max_len, response_ids, offsets)
+    ctx_index = {c: i for i, c in enumerate(contexts)}
+
+    ids_rows, pos_rows = [], []
+    starts, lens, parents, seg_pos = [], [], [], []
+    slots: list[tuple[int, int, int, int, int, int]] = []  # ctx, n, row, start, len, prev
+    for r, row in enumerate(rows):
+        ids: list[int] = []
+        pos: list[int] = []
+        st, ln, pa, sp = [], [], [], []
+        for gi in row:
+            index_of: dict[str, int] = {}
+            last_col: dict[str, int] = {}  # last token column of each shared segment's chain
+            for kind, rollout, toks, parent, offset in per_group[gi]:
+                n, col = len(toks), len(ids)
+                st.append(col)
+                ln.append(n)
+                sp.append(offset)
+                pa.append(index_of[parent] if parent is not None else -1)
+                ids.extend(toks)
+                pos.extend(range(offset, offset + n))
+                if rollout < 0:
+                    index_of[kind] = len(st) - 1
+                    chain_last = last_col.get(parent, -1) if parent is not None else -1
+                    last_col[kind] = col + n - 1 if n else chain_last
+                else:
+                    slots.append((ctx_index[kind], offsets[gi] + rollout, r, col, n, last_col[parent]))
+        pad = T - len(ids)
+        ids_rows.append(ids + [pad_id] * pad)
+        pos_rows.append(pos + [0] * pad)
+        extra = S - len(st)
+        starts.append(st + [0] * extra)
+        lens.append(ln + [0] * extra)
+        parents.append(pa + [-1] * extra)
+        seg_pos.append(sp + [0] * extra)
+
+    def tensor(x):
+        return torch.tensor(x, dtype=torch.long)
+
+    table = SegmentTable(tensor(ids_rows), tensor(pos_rows), tensor(starts), tensor(lens), tensor(parents),
+                         tensor(seg_pos))  # fmt: skip
+    response_ids = [list(resp) for g in groups for resp in g.responses]
+    longest = max(1, max(len(x) for x in response_ids))
+    if response_width is not None and response_width < longest:
+        raise ValueError(f"response_width: {response_width} is shorter than the longest response ({longest})")
+    slot_t = torch.tensor(slots, dtype=torch.long).view(-1, 6)
+    return PackedGroups(
+        table,
+        contexts,
+        len(response_ids),
+        response_width or longest,
+        response_ids,
+        offsets,
+        *(slot_t[:, i].contiguous() for i in range(6)),
+    )
 
 
 def unshared_sequences(group: Group, context: str) -> list[list[int]]:

@@ -43,7 +43,7 @@ def main(config: str, out: str) -> None:
     metrics = trainer.step(1)
     if not dist.is_initialized() or dist.get_rank() == 0:
         state = {k: v.detach().float().clone() for k, v in trainer.engine.module.named_parameters()}
-        torch.save({"params": state, "world": trainer.world, "loss": metrics["loss"]}, out)
+        torch.save({"params": state, "world": trainer.world, "loss": metrics["loss"], "packed": trainer.packed}, out)
 
 
 if __name__ == "__main__":

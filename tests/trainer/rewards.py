@@ -18,3 +18,11 @@ def raises_on_odd(response: str, answer: str, question: str) -> float:
 def sleeps(response: str, answer: str, question: str) -> float:
     time.sleep(5.0)
     return 1.0
+
+
+def solved_by_question(response: str, answer: str, question: str) -> float:
+    """1 for every rollout of about half the questions (groups with no rejected rollout), else
+    ``digit_count``: both kinds of group in one step."""
+    if sum(map(ord, question)) % 2 == 0:
+        return 1.0
+    return digit_count(response, answer, question)

@@ -31,6 +31,7 @@ def _env() -> dict:
 
 @pytest.mark.slow
 def test_two_process_data_parallel_equals_one_process(assets, tmp_path):
+    """2 packed ranks (gloo) == 1 packed process == 1 padded process, on the same global batch."""
     cfg = make_config(
         assets,
         str(tmp_path / "run"),
@@ -39,10 +40,19 @@ def test_two_process_data_parallel_equals_one_process(assets, tmp_path):
         algorithm__name="cepo",
         algorithm__lam=1.0,
     )
-    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    subprocess.run(
-        [sys.executable, "-m", "tests.trainer.dp_worker", cfg, one], cwd=ROOT, env=_env(), check=True, timeout=300
+    padded_cfg = make_config(
+        assets,
+        str(tmp_path / "padded"),
+        rollout__prompts_per_step=4,
+        optim__micro_batch_size=4,
+        algorithm__name="cepo",
+        algorithm__lam=1.0,
+        optim__packing="false",
     )
+    one, two, padded = str(tmp_path / "one.pt"), str(tmp_path / "two.pt"), str(tmp_path / "padded.pt")
+    for config, out in ((cfg, one), (padded_cfg, padded)):  # packed (the default here) and padded, 1 process
+        worker = [sys.executable, "-m", "tests.trainer.dp_worker", config, out]
+        subprocess.run(worker, cwd=ROOT, env=_env(), check=True, timeout=300)
     from cepo.engine import _free_port
 
     subprocess.run(
@@ -64,10 +74,11 @@ def test_two_process_data_parallel_equals_one_process(assets, tmp_path):
         check=True,
         timeout=300,
     )
-    a, b = torch.load(one), torch.load(two)
-    assert a["world"] == 1 and b["world"] == 2
+    a, b, c = torch.load(one), torch.load(two), torch.load(padded)
+    assert a["world"] == 1 and b["world"] == 2 and a["packed"] and b["packed"] and not c["packed"]
     for k, v in a["params"].items():
-        torch.testing.assert_close(v, b["params"][k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(v, b["params"][k], rtol=0, atol=1e-5, msg=k)  # 2 packed ranks == 1
+        torch.testing.assert_close(c["params"][k], b["params"][k], rtol=0, atol=1e-5, msg=k)  # == padded
     init = load_file(os.path.join(assets["model"], "model.safetensors"))
     moved = sum(not torch.equal(init[k], v) for k, v in a["params"].items() if k in init)
     assert moved > 0

@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="summary ratios from wall time or process CPU time"
+    )
     p.add_argument("--demo-dir", default="runs/demo", help="--shape tiny: demo assets (built if missing)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() and args.shape != "tiny":
@@ -125,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
             "reward.math_verify=false",
             "reward.functions=[bench.bench_trainer_step:random_reward]",
         ]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    @contextmanager
+    def timed(timings: dict, name: str):  # the trainer's phase timer, plus the process's CPU time
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        timings[f"time/{name}"] = timings.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+        timings[f"cpu/{name}"] = timings.get(f"cpu/{name}", 0.0) + time.process_time() - c0
+
+    train_mod.timed = timed
     env = environment()
     records = []
     for packing in ("true", "false"):
@@ -145,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                 if on_gpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 m = trainer.step(k)
                 if on_gpu:
                     torch.cuda.synchronize()
-                wall = time.perf_counter() - t0
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 if k == 1:
                     continue  # warm-up
                 rec = {
@@ -164,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                     "step": k,
                     "step_s": wall,
                     "phases_s": {k2[5:]: v for k2, v in m.items() if k2.startswith("time/")},
+                    "step_cpu_s": cpu,
+                    "phases_cpu_s": {k2[4:]: v for k2, v in m.items() if k2.startswith("cpu/")},
                     "tokens": {k2[7:]: m[k2] for k2 in ("tokens/experience", "tokens/update")},
                     "response_length": m["response_length"],
                     "lam": m["lam"],
@@ -178,16 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             if on_gpu:
                 torch.cuda.empty_cache()
 
+    clock = "cpu" if args.clock == "cpu" else "wall"
+
     def med(algo, packed, key=None):
         rows = [r for r in records if r["algorithm"] == algo and r["packing"] == packed]
-        vals = [r["step_s"] if key is None else r["phases_s"].get(key, 0.0) for r in rows]
+        step, phases = ("step_cpu_s", "phases_cpu_s") if clock == "cpu" else ("step_s", "phases_s")
+        vals = [r[step] if key is None else r[phases].get(key, 0.0) for r in rows]
         return statistics.median(vals) if vals else float("nan")
 
     def toks(algo, packed, key):
         rows = [r for r in records if r["algorithm"] == algo and r["packing"] == packed]
         return statistics.median(r["tokens"][key] for r in rows) if rows else float("nan")
 
-    print(f"\n{'':18}{'step':>8}{'rollout':>9}{'reward':>8}{'exper.':>8}{'update':>8}{'tok exp':>9}{'tok upd':>9}")
+    print(f"\nmedian {clock} seconds per step and phase, tokens through the decoder per phase")
+    print(f"{'':18}{'step':>8}{'rollout':>9}{'reward':>8}{'exper.':>8}{'update':>8}{'tok exp':>9}{'tok upd':>9}")
     for packed in (True, False):
         for algo in ("grpo", "cepo"):
             name = f"{algo} {'packed' if packed else 'padded'}"
@@ -206,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for k, v in ratios.items():
         print(f"{k:45} {v:.3f}")
-    records.append({"bench": "trainer_step_ratios", "shape": args.shape, **ratios, **env})
+    records.append({"bench": "trainer_step_ratios", "shape": args.shape, "clock": clock, **ratios, **env})
     targets = [os.path.join(root, "bench", "results", f"{env['machine']}.jsonl")] if on_gpu else []
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -216,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-    print(f"reproduce: python -m bench.bench_trainer_step --shape {args.shape} --repeats {args.repeats}")
+    print(
+        f"reproduce: python -m bench.bench_trainer_step --shape {args.shape} --repeats {args.repeats} "
+        f"--threads {args.threads} --clock {args.clock}"
+    )
     return 0
 
 

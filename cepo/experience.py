@@ -196,10 +196,10 @@ class Experience:
         return runs
 
     def _pack(self, groups: list[Group], contexts: tuple[str, ...], width: int) -> PackedGroups:
-        """Rows no longer than the micro-batch's largest group: each group about one row, small
-        groups sharing (attention cost grows with the row length squared on the CPU path)."""
-        longest = max(g.packed_size(contexts) for g in groups)
-        return pack_groups(groups, contexts=contexts, max_row_len=longest, pad_id=self.pad_id, response_width=width)
+        """The micro-batch's groups end to end in one row: no padding at all. Attention cost does
+        not grow with the row: each segment attends only to its window (its ancestors and itself;
+        the Triton kernel visits only those key blocks, the torch path gathers them)."""
+        return pack_groups(groups, contexts=contexts, max_row_len=None, pad_id=self.pad_id, response_width=width)
 
     def _hidden(self, model, packed: PackedGroups) -> torch.Tensor:
         """``(R * T, D)`` final hidden states of a packed forward (grad as the caller's mode)."""

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: install the carried wheels, build the CUDA extension
-# just in time, run the GPU tests and every benchmark, write results under $OUT, and print
-# a short table last. Budget: about 5 minutes on an H100/H200 (each step has its own limit,
-# 11 minutes at the very worst); GPU_CHECK_TRAINER=1 adds the trainer step (up to 4 minutes).
+# One call on a lent GPU machine: install the carried wheels, build the CUDA extension just in
+# time, run the GPU tests, then the pytest-benchmark suite (bench/test_*.py) once per kernel
+# configuration (CEPO_KERNEL_CONFIG=v1: today's, v2: issue 11's) in the same call, compare them
+# with --benchmark-compare, turn the JSON into bench/results/<card>.jsonl rows (GB/s, TFLOP/s
+# against the card's ceilings) under $OUT, and print a table last.
+# Budget: about 6 minutes on an H100/H200, under 10 at the worst (each step has its own limit);
+# GPU_CHECK_CONFIGS="v2" runs one configuration only; GPU_CHECK_LEGACY=1 also runs the old script
+# benchmarks (then use two calls); GPU_CHECK_NO_CUDA=1 skips the CUDA extension build.
 #
 # Here, once:   PATH=$PWD/.venv/bin:$PATH bash bench/fetch_gpu_wheels.sh   (fills .whl/, git-ignored)
 # Device call:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -16,6 +20,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 log="$OUT/gpu_check.log"
 : >"$log"
+: >"$OUT/steps.txt"
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
@@ -34,33 +39,61 @@ else
   export PYTHONPATH=$PWD
   [ -n "${GPU_CHECK_DRY:-}" ] || echo "no .whl/ carried: peers (liger, cut-cross-entropy) and deepspeed may be missing" | tee -a "$log"
 fi
+PY=${PY:-python3}
+CONFIGS=${GPU_CHECK_CONFIGS:-"v1 v2"}
+# pytest-benchmark wants its storage under the working directory: a scratch folder in the checkout,
+# moved to $OUT/benchmarks afterwards
+STORAGE="$PWD/.gpu_check_benchmarks"
+BENCH_ARGS=(-q -p no:cacheprovider --benchmark-only --benchmark-save-data --benchmark-columns=median,iqr,rounds
+            --benchmark-storage="file://$STORAGE")
+
+bench_configs() {  # bench_configs SECONDS_PER_CONFIG EXTRA_PYTEST_ARGS...
+  local limit=$1; shift
+  local cmp=()
+  rm -rf "$STORAGE" "$OUT/benchmarks"
+  for cfg in $CONFIGS; do
+    # the first configuration is saved as run 0001; every later one is compared against it
+    step "bench_$cfg" "$limit" env CEPO_KERNEL_CONFIG="$cfg" "$PY" -m pytest bench "${BENCH_ARGS[@]}" \
+      --benchmark-save="$cfg" --benchmark-json="$OUT/bench_$cfg.json" "${cmp[@]}" "$@"
+    cmp=(--benchmark-compare=0001)
+  done
+  mv "$STORAGE" "$OUT/benchmarks" 2>/dev/null
+  # side by side: every case under each configuration, grouped per case
+  step compare 20 "$PY" -m pytest_benchmark compare "$OUT"/bench_*.json --group-by=group --columns=median,iqr \
+    --sort=name --csv="$OUT/compare"
+  # --write-order: the measured backend order per op (commit it as cepo_kernels/measured_order.json
+  # after review: auto then follows the measurement on that card)
+  step results 20 "$PY" -m bench.results_jsonl "$OUT"/bench_*.json --out "$OUT/results" \
+    --write-order "$OUT/measured_order.json"
+}
 
 if [ -n "${GPU_CHECK_DRY:-}" ]; then
-  # Dry run on a CPU machine: the same steps on tiny shapes through the interpreter.
+  # Dry run on a CPU machine: the same steps on tiny shapes; Triton through the interpreter is
+  # checked, not timed.
   export TRITON_INTERPRET=1
-  step info 60 python3 -m cepo_kernels.info
-  step tests 600 python3 -m pytest -q -x tests/kernels -p no:cacheprovider
-  step bench 600 python3 -m bench.run_all --quick --out "$OUT"
+  step info 60 "$PY" -m cepo_kernels.info
+  step tests 900 "$PY" -m pytest -q -x tests/kernels -p no:cacheprovider
+  bench_configs 600 --bench-size tiny
   exit 0
 fi
 
 export CEPO_CUDA_JIT=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # build csrc/ on first use
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-step cuda_build 180 python3 -c "from cepo_kernels.cuda import jit; jit.load(verbose=True)"
-step info 60 python3 -m cepo_kernels.info
-step tests 180 python3 -m pytest -q tests/kernels -p no:cacheprovider
-step bench_logprobs 60 python3 -m bench.bench_logprobs --out "$OUT"
-step bench_cuda 60 python3 -m bench.bench_cuda_logprobs --out "$OUT"
-step bench_linear 90 python3 -m bench.bench_linear_logprobs --out "$OUT"
-step bench_tree 120 python3 -m bench.bench_tree_attention --out "$OUT"
+# limits: 150 + 20 + 120 + 2 x 130 + 2 x 20 = 590 s at the very worst; typically about 6 minutes
+[ -n "${GPU_CHECK_NO_CUDA:-}" ] || step cuda_build 150 "$PY" -c "from cepo_kernels.cuda import jit; jit.load(verbose=True)"
+step info 20 "$PY" -m cepo_kernels.info
+# the numeric GPU tests (compiled kernels against float64; v1 and v2 both in test_kernel_configs)
+step tests 120 bash -c "'$PY' -m pytest -q -p no:cacheprovider -m 'gpu or cuda_ext' tests/kernels; \
+  '$PY' -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_configs.py"
+bench_configs 130
+if [ -n "${GPU_CHECK_LEGACY:-}" ]; then
+  step bench_logprobs 60 "$PY" -m bench.bench_logprobs --out "$OUT"
+  step bench_cuda 60 "$PY" -m bench.bench_cuda_logprobs --out "$OUT"
+  step bench_linear 90 "$PY" -m bench.bench_linear_logprobs --out "$OUT"
+  step bench_tree 120 "$PY" -m bench.bench_tree_attention --out "$OUT"
+fi
 # The trainer step (Qwen3-1.7B shape, ZeRO-2 bf16) is a separate run: GPU_CHECK_TRAINER=1.
-[ -n "${GPU_CHECK_TRAINER:-}" ] && step bench_trainer 240 python3 -m bench.bench_trainer_step --out "$OUT"
+[ -n "${GPU_CHECK_TRAINER:-}" ] && step bench_trainer 240 "$PY" -m bench.bench_trainer_step --out "$OUT"
 echo "=== summary"
 cat "$OUT/steps.txt"
-python3 - "$OUT" <<'PY'
-import glob, json, sys
-rows = [json.loads(l) for f in glob.glob(sys.argv[1] + "/*.jsonl") for l in open(f)]
-for r in rows:
-    print(f"{r.get('case', '?'):28s} {r.get('impl', '?'):10s} {r.get('median_ms', float('nan')):9.3f} ms  "
-          f"{(r.get('frac_of_copy_bw') or 0):5.2f} of copy bw  peak {r.get('peak_extra_GB') or 0:.2f} GB")
-PY
+"$PY" -m bench.results_jsonl "$OUT"/bench_*.json --no-write 2>/dev/null | tail -n 60

@@ -46,13 +46,16 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # "hf" (transformers generate); a vLLM backend implements the same interface
+    backend: str = "hf"  # "hf" (transformers generate) or "vllm" (a colocated vLLM engine; extra `vllm`)
     prompts_per_step: int = 8  # prompts per RL step, all ranks together
     group_size: int = 8  # G rollouts per prompt (GRPO group)
     temperature: float = 1.0  # sampling temperature; log-probs use the same temperature
     top_p: float = 1.0  # nucleus sampling; 1.0 keeps the policy's distribution exact
     max_new_tokens: int = 512  # response budget; a truncated response usually scores 0
-    generation_batch_size: int = 64  # sequences per generate call (memory bound)
+    generation_batch_size: int = 64  # sequences per generate call (memory bound); vLLM: max_num_seqs
+    vllm_memory: float | None = None  # vLLM: KV cache in GiB on the CPU, fraction of GPU memory on a GPU (0.3)
+    vllm_threads: int | None = None  # vLLM on the CPU: torch threads while it samples; None: the trainer's
+    tis_cap: float | None = None  # vLLM: truncated importance sampling, loss x min(exp(old - vllm), C); None: off
 
 
 @dataclass
@@ -93,6 +96,8 @@ class OptimConfig:
     kl_coef: float = 0.0  # KL to the reference model (k3 estimator); 0 loads no reference
     logprob_backend: str = "auto"  # cepo_kernels backend for token log-probs
     fused_head: bool = False  # log-probs from hidden states (linear_token_logprobs): no B x R x V logits
+    packing: str = "auto"  # shared-prefix packed passes: "auto" (where supported), "true", "false" (padded)
+    micro_batch_tokens: int = 0  # packed micro-batch budget in tokens; 0: micro_batch_size // G groups
 
 
 @dataclass
@@ -120,6 +125,8 @@ class TrainConfig:
     progress_bar: bool = True  # tqdm bar with step, ETA and reward
     tensorboard: bool = False  # also write TensorBoard events (needs tensorboard)
     wandb_project: str | None = None  # also log to Weights & Biases (needs wandb)
+    log_samples_every: int = 0  # every K steps rank 0 writes samples/step-K.jsonl (cepo viz); 0: off
+    log_samples_groups: int = 4  # groups per samples file (mixed correct/wrong groups first)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -139,11 +146,24 @@ def validate(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` naming the first bad field."""
     _choice("model.dtype", cfg.model.dtype, ("fp32", "bf16"))
     _choice("engine.precision", cfg.engine.precision, ("fp32", "bf16"))
-    _choice("rollout.backend", cfg.rollout.backend, ("hf",))
+    _choice("rollout.backend", cfg.rollout.backend, ("hf", "vllm"))
+    if cfg.rollout.vllm_memory is not None and not cfg.rollout.vllm_memory > 0:
+        raise ValueError(
+            "rollout.vllm_memory: expected None or > 0 (GiB of KV cache on the CPU, a fraction in (0, 1] "
+            f"of GPU memory on a GPU), got {cfg.rollout.vllm_memory!r}"
+        )
+    if cfg.rollout.vllm_threads is not None and cfg.rollout.vllm_threads < 1:
+        raise ValueError(f"rollout.vllm_threads: expected None or >= 1, got {cfg.rollout.vllm_threads!r}")
+    if cfg.rollout.tis_cap is not None and not cfg.rollout.tis_cap > 0:
+        raise ValueError(f"rollout.tis_cap: expected None (off) or > 0, got {cfg.rollout.tis_cap!r}")
+    if cfg.rollout.tis_cap is not None and cfg.rollout.backend != "vllm":
+        raise ValueError("rollout.tis_cap: needs rollout.backend=vllm (the sampler's log-probs)")
     _choice("algorithm.name", cfg.algorithm.name, ("grpo", "rlsd", "cepo"))
     _choice("algorithm.lam_schedule", cfg.algorithm.lam_schedule, ("linear", "cosine", "constant"))
     _choice("algorithm.no_rejected", cfg.algorithm.no_rejected, ("rlsd", "grpo"))
     _choice("optim.loss_agg", cfg.optim.loss_agg, ("token_mean", "seq_mean"))
+    cfg.optim.packing = str(cfg.optim.packing).lower()  # YAML reads `true` as a boolean
+    _choice("optim.packing", cfg.optim.packing, ("auto", "true", "false"))
     _choice("optim.logprob_backend", cfg.optim.logprob_backend, ("auto", "torch", "triton", "cuda"))
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {cfg.engine.zero_stage!r}")
@@ -177,6 +197,7 @@ def validate(cfg: TrainConfig) -> None:
         "optim.clip_high",
         "optim.weight_decay",
         "optim.grad_clip",
+        "optim.micro_batch_tokens",
     ):
         section, _, key = name.rpartition(".")
         _positive(name, getattr(getattr(cfg, section) if section else cfg, key), zero_ok=True)
@@ -192,6 +213,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("rollout.group_size: expected >= 2 when algorithm.scale_by_std is true")
     if "{answer}" not in cfg.algorithm.teacher_template:
         raise ValueError("algorithm.teacher_template: must contain '{answer}'")
+    _positive("log_samples_every", cfg.log_samples_every, zero_ok=True)
+    _positive("log_samples_groups", cfg.log_samples_groups)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas: expected two numbers, got {cfg.optim.betas!r}")
 

@@ -33,9 +33,12 @@ DEMO_INSTRUCTION = "Answer in \\boxed{}."
 
 
 # ----------------------------------------------------------------------------------------- task
-def make_problem(rng: random.Random) -> dict:
-    """One problem: 2 additions/subtractions (start 1-20, operands 1-9) with its worked solution."""
-    n_ops = 2
+def make_problem(rng: random.Random, n_ops: int = 2) -> dict:
+    """One problem: ``n_ops`` additions/subtractions (start 1-20, operands 1-9) with its worked solution.
+
+    The flawed solution boxes the second-to-last intermediate result (for the default 2 operations,
+    the first): every line of working is right and only the box, the last thing written, is wrong.
+    """
     value = rng.randint(1, 20)
     question, lines = str(value), []
     for _ in range(n_ops):
@@ -46,9 +49,9 @@ def make_problem(rng: random.Random) -> dict:
         question += f"{op}{operand}"
         value = new
     solution = "\n".join(lines) + f"\n\\boxed{{{value}}}"
-    # the flaw some warm-start demonstrations carry: boxing the first intermediate result
-    first = lines[0].split("=")[1]
-    flawed = "\n".join(lines) + f"\n\\boxed{{{first}}}"
+    # the flaw some warm-start demonstrations carry: boxing the second-to-last intermediate result
+    early = lines[-2].split("=")[1]
+    flawed = "\n".join(lines) + f"\n\\boxed{{{early}}}"
     return {"question": f"Compute {question}.", "answer": str(value), "solution": solution, "flawed_solution": flawed}
 
 
@@ -59,7 +62,13 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 
 
 def make_data(
-    out: str, seed: int = 0, n_sft: int = 3000, n_rl: int = 1500, n_eval: int = 200, flawed_fraction: float = 0.6
+    out: str,
+    seed: int = 0,
+    n_sft: int = 3000,
+    n_rl: int = 1500,
+    n_eval: int = 200,
+    flawed_fraction: float = 0.6,
+    n_ops: int = 2,
 ) -> dict[str, str]:
     """Disjoint SFT / RL / held-out splits as JSONL files in ``out``; returns their paths.
 
@@ -72,7 +81,7 @@ def make_data(
     seen, splits = set(), {"sft": [], "train": [], "eval": []}
     for name, n in (("eval", n_eval), ("train", n_rl), ("sft", n_sft)):
         while len(splits[name]) < n:
-            p = make_problem(rng)
+            p = make_problem(rng, n_ops)
             if p["question"] not in seen:
                 seen.add(p["question"])
                 splits[name].append(p)
@@ -184,10 +193,21 @@ def warm_start(
     model.eval()
 
 
-def build_assets(out: str, *, sft_steps: int = 300, seed: int = 0, log=print) -> dict[str, str]:
+# The tasks: "default" (2 operations, `make demo`) and "long" (4 operations: longer chains whose only
+# wrong token in a flawed demonstration is the boxed answer at the very end; a harder test of
+# per-token credit). Each: problem-generator arguments and the RL overrides the task needs.
+TASKS = {
+    "default": {"n_ops": 2, "overrides": []},
+    "long": {"n_ops": 4, "overrides": ["rollout.max_new_tokens=64"]},
+}
+
+
+def build_assets(out: str, *, sft_steps: int = 300, seed: int = 0, task: str = "default", log=print) -> dict[str, str]:
     """Data, tokenizer and warm-started base model under ``out``; returns their paths."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
     os.makedirs(out, exist_ok=True)
-    paths = make_data(out, seed=seed)
+    paths = make_data(out, seed=seed, n_ops=TASKS[task]["n_ops"])
     model_dir = os.path.join(out, "base_model")
     tokenizer = build_tokenizer(model_dir)
     model = build_model(model_dir, tokenizer, seed=seed)
@@ -205,15 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--skip-train", action="store_true", help="only build the assets")
     parser.add_argument("--model", default=None, help="train this HF causal-LM directory instead of the tiny one")
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="default",
+        help="default: 2 operations; long: 4 operations, the decisive token (the boxed answer) late in the response",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for the RL config")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     if args.model:  # any local transformers causal LM: only the data is made here
         os.makedirs(args.out, exist_ok=True)
-        paths = {**make_data(args.out), "model": args.model}
+        paths = {**make_data(args.out, n_ops=TASKS[args.task]["n_ops"]), "model": args.model}
     else:
-        paths = build_assets(args.out, sft_steps=args.sft_steps)
+        paths = build_assets(args.out, sft_steps=args.sft_steps, task=args.task)
     print(f"assets built in {time.time() - t0:.0f}s under {args.out}")
     if args.skip_train:
         return 0
@@ -227,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         f"data.train_file={paths['train']}",
         f"data.eval_file={paths['eval']}",
         f"output_dir={os.path.join(args.out, 'rl')}",
+        *TASKS[args.task]["overrides"],
         *args.overrides,
     ]
     summary = run_from_config(config, overrides)

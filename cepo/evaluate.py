@@ -41,8 +41,13 @@ def evaluate_directory(model_dir: str, data_file: str, overrides: list[str] = ()
 
     from cepo.config import load_config
     from cepo.data import load_examples
+    from cepo.errors import check_data_file, check_model_dir, check_tokenizer_dir
 
     cfg = load_config(None, [f"model.path={model_dir}", f"data.train_file={data_file}", *overrides])
+    check_model_dir(model_dir, "MODEL")
+    check_data_file(data_file, "DATA")
+    if cfg.model.tokenizer:
+        check_tokenizer_dir(cfg.model.tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
     if tokenizer.pad_token_id is None:

@@ -4,7 +4,12 @@ Per response token, with ``rho = exp(logp - old_logp)`` and advantage ``A``::
 
     l_t = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high))
     l_t = min(l_t, -A * dual_clip)                 # dual clip, only where A < 0 (optional)
+    l_t *= is_weight_t                             # truncated importance sampling (optional)
     l_t += kl_coef * (exp(ref - logp) - (ref - logp) - 1)   # k3 KL estimator (optional)
+
+``is_weight_t = min(exp(old_logp - sampler_logp), C)`` corrects for a sampler (vLLM) whose
+distribution differs slightly from the trainer's old policy (TIS, as in verl and TRL); it is a
+constant (no gradient) and scales only the policy-gradient term.
 
 Aggregation (``normalizer`` is computed by the caller over the whole mini-batch, all micro-batches
 and all ranks, so that accumulation and data parallelism do not change the objective):
@@ -31,6 +36,7 @@ def ppo_loss(
     loss_agg: str = "token_mean",
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (a 0-dim tensor, differentiable through ``logp``) and detached per-batch sums.
 
@@ -39,6 +45,7 @@ def ppo_loss(
         advantages: ``(B, T)`` per-token (or ``(B,)`` per-sequence) advantages.
         mask: ``(B, T)`` bool, True at response tokens.
         normalizer: see the module docstring (> 0).
+        is_weights: optional ``(B, T)`` importance weights of the policy-gradient term (detached).
     Returns:
         ``(loss, stats)`` with stats sums over the masked tokens: ``clipped`` (tokens where the
         clip is active), ``kl``, ``tokens``.
@@ -53,6 +60,8 @@ def ppo_loss(
     per_token = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -advantages * dual_clip), per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     kl = torch.zeros_like(logp)
     if ref_logp is not None and kl_coef > 0:
         d = (ref_logp - logp).masked_fill(~mask, 0.0)

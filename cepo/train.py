@@ -1,21 +1,26 @@
 """The RL loop: GRPO, RLSD or CEPO on DeepSpeed.
 
-For each RL step ``k = 1 .. steps``:
+For each RL step ``k = 1 .. steps`` (:meth:`Trainer.step`, four calls):
 
-1. **Rollout.** Take the next ``prompts_per_step`` prompts (each rank its share) and sample
-   ``G = group_size`` responses per prompt with the current policy.
-2. **Reward.** Score each response (math-verify, format, user functions).
-3. **Advantages.** GRPO: ``A_i = (r_i - mean_g) / (std_g + eps)`` per group. With
-   ``lam = lam_at(k) > 0``, RLSD and CEPO compute per-token log-probs of each response under a
-   teacher context ``[prompt, teacher_template(r+), response]`` (``r+`` = ground truth) and under
-   a negative context (RLSD: the old policy itself; CEPO: ``[prompt, teacher_template(r-),
-   response]`` with ``r-`` the answer of the group's lowest-scoring rejected rollout), and
-   reweight: ``A_t = A * (1 + lam * (clip(exp(sign(A) * delta_t), 1 +- eps_w) - 1))``.
-4. **Update.** ``updates_per_batch`` optimizer steps of the PPO-clipped loss over mini-batches of
-   the rollouts (``old_logp`` = the policy's log-probs before the first update), with gradient
-   accumulation over micro-batches and a loss normalised over the whole mini-batch on all ranks.
-5. Every ``save_every`` steps a checkpoint; every ``eval_every`` steps held-out accuracy; metrics
-   to ``metrics.jsonl`` each step.
+1. **Rollout** (:meth:`Trainer.generate`). Take the next ``prompts_per_step`` prompts (each rank
+   its share) and sample ``G = group_size`` responses per prompt with the current policy.
+2. **Reward** (:meth:`Trainer.score_rewards`). Score each response (math-verify, format, user
+   functions).
+3. **Score** (:meth:`cepo.experience.Experience.score`). GRPO: ``A_i = (r_i - mean_g) / (std_g +
+   eps)`` per group and the old policy's log-probs. With ``lam = lam_at(k) > 0``, RLSD and CEPO
+   also score each response under a teacher context ``[prompt, teacher_template(r+), response]``
+   (``r+`` = ground truth) and a negative context (RLSD: the old policy itself; CEPO:
+   ``[prompt, teacher_template(r-), response]`` with ``r-`` the answer of the group's
+   lowest-scoring rejected rollout), and reweight:
+   ``A_t = A * (1 + lam * (clip(exp(sign(A) * delta_t), 1 +- eps_w) - 1))``. Packed (default):
+   one shared-prefix forward per micro-batch of groups and one fused three-way LM-head call.
+4. **Update** (:meth:`Trainer.update`). ``updates_per_batch`` optimizer steps of the PPO-clipped
+   loss over mini-batches of the rollouts (``old_logp`` = the policy's log-probs before the first
+   update), with gradient accumulation over micro-batches (packed: whole groups, each prompt
+   encoded once) and a loss normalised over the whole mini-batch on all ranks.
+
+Every ``save_every`` steps a checkpoint; every ``eval_every`` steps held-out accuracy; metrics to
+``metrics.jsonl`` each step.
 """
 
 from __future__ import annotations
@@ -33,15 +38,17 @@ import torch
 import torch.distributed as dist
 
 from cepo import checkpoint as ckpt
-from cepo.advantages import contrastive_token_advantages, delta_diagnostics, grpo_advantages, lam_at, select_negatives
+from cepo.advantages import lam_at
 from cepo.config import TrainConfig, load_config, save_config, to_dict
 from cepo.data import PromptStream, load_examples
 from cepo.engine import build_engine, load_policy, setup_distributed, skipped_steps
+from cepo.errors import check_train_paths
 from cepo.evaluate import accuracy
-from cepo.logprobs import batched_logprobs, build_batch, forward_logprobs
+from cepo.experience import Experience, Rollouts, Scored, resolve_packing
 from cepo.loss import ppo_loss
 from cepo.reward import RewardModel
-from cepo.rollout import HFGenerateBackend
+from cepo.rollout_vllm import build_rollout_backend, logprob_diff_metrics, sampler_logprobs, tis_weights
+from cepo.samples import should_log, step_records, write_samples
 
 log = logging.getLogger("cepo.train")
 
@@ -89,7 +96,8 @@ class MetricsLog:
 
 
 def _gather_mean(metrics: dict) -> dict:
-    """Mean of each metric over ranks, ignoring NaN (a rank with no wrong rollouts, ...)."""
+    """Mean of each metric over ranks (the maximum for ``*_max`` metrics), ignoring NaN (a rank
+    with no wrong rollouts, ...)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return metrics
     gathered = [None] * dist.get_world_size()
@@ -97,7 +105,8 @@ def _gather_mean(metrics: dict) -> dict:
     out = {}
     for k in metrics:
         vals = [g[k] for g in gathered if isinstance(g.get(k), (int, float)) and not math.isnan(g[k])]
-        out[k] = float(np.mean(vals)) if vals else float("nan")
+        reduce = np.max if k.endswith("_max") else np.mean
+        out[k] = float(reduce(vals)) if vals else float("nan")
     return out
 
 
@@ -118,6 +127,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         from transformers import AutoTokenizer
 
+        check_train_paths(cfg)  # one clear error before transformers reads a missing path as a hub repo id
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -139,14 +149,18 @@ class Trainer:
                 f"{rows} rollouts per rank are not divisible by optim.updates_per_batch={cfg.optim.updates_per_batch}"
             )
         self.mini_rows = rows // cfg.optim.updates_per_batch
-        if self.mini_rows % cfg.optim.micro_batch_size:
+
+        model = load_policy(cfg)
+        # Packed passes (shared prompts, tree attention) where the model supports them; else padded.
+        self.packed = resolve_packing(cfg, model, self.prompts_per_rank)
+        if not self.packed and self.mini_rows % cfg.optim.micro_batch_size:
             raise ValueError(
                 f"a mini-batch of {self.mini_rows} rollouts per rank is not divisible by "
                 f"optim.micro_batch_size={cfg.optim.micro_batch_size}"
             )
-        self.grad_accum = self.mini_rows // cfg.optim.micro_batch_size
-
-        model = load_policy(cfg)
+        # micro-batches per mini-batch (padded: fixed; packed: whole groups, agreed across ranks each step)
+        per_micro = cfg.optim.micro_batch_size if not self.packed else max(1, cfg.optim.micro_batch_size // g) * g
+        self.grad_accum = max(1, math.ceil(self.mini_rows / per_micro))
         self.engine, self.optimizer = build_engine(
             model, cfg, total_optimizer_steps=cfg.steps * cfg.optim.updates_per_batch, grad_accum=self.grad_accum
         )
@@ -154,9 +168,9 @@ class Trainer:
         if cfg.optim.kl_coef > 0:
             self.ref_model = load_policy(cfg, for_training=False).to(self.device).eval().requires_grad_(False)
         self.synced = cfg.engine.zero_stage == 3 and self.world > 1
-        self.rollout = HFGenerateBackend(
-            self.engine.module, self.tokenizer, cfg.rollout, device=self.device, synced_gpus=self.synced
-        )
+        # transformers' generate on the policy itself, or a colocated vLLM engine (rollout.backend)
+        self.rollout = build_rollout_backend(cfg, self.engine.module, self.tokenizer, self.device, self.synced)
+        self.experience = Experience(cfg, self.tokenizer, self.device, packed=self.packed)
         self.stream = PromptStream(len(self.examples), cfg.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.step_done = 0
@@ -177,166 +191,117 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         self.metrics = MetricsLog(cfg, os.path.join(cfg.output_dir, "metrics.jsonl"), self.step_done, self.rank == 0)
+        self.rollout.sync_weights(self.engine.module)  # vLLM: the policy as loaded (or resumed) before step 1
 
     # ------------------------------------------------------------------ one RL step
-    def logprobs(self, model, contexts, responses, width):
-        """``(B, width)`` no-grad log-probs of ``responses`` after ``contexts``."""
-        return self.batch_logprobs(
-            model, build_batch(contexts, responses, self.tokenizer.pad_token_id, response_width=width)
-        )
-
-    def batch_logprobs(self, model, batch):
-        return batched_logprobs(
-            model,
-            batch,
-            micro_batch_size=self.cfg.optim.micro_batch_size,
-            temperature=self.cfg.rollout.temperature,
-            backend=self.cfg.optim.logprob_backend,
-            device=self.device,
-            fused_head=self.cfg.optim.fused_head,
-        )
-
-    def teacher_ids(self, answer: str) -> list[int]:
-        text = self.cfg.algorithm.teacher_template.format(answer=answer)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def negative_logprobs(self, rows, contexts, responses, width, rewards, texts, old_logp, pos):
-        """``(B, R)`` log-probs under the negative context, and CEPO's selection statistics.
-
-        RLSD: the old policy's own log-probs. CEPO: ``[prompt, teacher_template(r-), response]``
-        per group (see :mod:`cepo.advantages` for the fallbacks).
-        """
-        acfg, G = self.cfg.algorithm, self.cfg.rollout.group_size
-        neg = old_logp.clone()  # RLSD, and CEPO's fallback
-        if acfg.name != "cepo":
-            return neg, {}
-        choices = select_negatives(rewards, texts, G, acfg.reject_threshold)
-        need = [i for i in range(len(rows)) if choices[i // G].reason == "ok"]
-        if need:
-            neg_ctx = [contexts[i] + self.teacher_ids(choices[i // G].answer) for i in need]
-            neg[need] = self.logprobs(self.engine.module, neg_ctx, [responses[i] for i in need], width)
-        if acfg.no_rejected == "grpo":
-            same = [i for i in range(len(rows)) if choices[i // G].reason == "no_rejected"]
-            neg[same] = pos[same]  # delta = 0: A_t = A exactly
-        with_rejected = sum(c.reason != "no_rejected" for c in choices)
-        return neg, {
-            "cepo/no_rejected_frac": sum(c.reason == "no_rejected" for c in choices) / len(choices),
-            "cepo/no_answer_frac": sum(c.reason == "no_answer" for c in choices) / with_rejected
-            if with_rejected
-            else 0.0,
-        }
-
     def step(self, k: int) -> dict:
-        """RL step ``k`` (1-based): rollout, reward, advantages, update. Returns this rank's metrics."""
-        cfg, acfg, G = self.cfg, self.cfg.algorithm, self.cfg.rollout.group_size
-        t: dict = {}
+        """RL step ``k`` (1-based): rollout, reward, score, update. Returns this rank's metrics."""
+        acfg, t = self.cfg.algorithm, {}
+        with timed(t, "rollout"):
+            rollouts = self.generate(k)
+        with timed(t, "reward"):
+            rstats = self.score_rewards(rollouts)
+        lam = lam_at(k, acfg.lam, acfg.lam_schedule, acfg.lam_decay_steps) if acfg.name != "grpo" else 0.0
+        with timed(t, "experience"):
+            scored = self.experience.score(self.engine.module, rollouts, lam, ref_model=self.ref_model)
+        if self.rank == 0 and should_log(k, self.cfg.log_samples_every):  # what this step computed, for cepo viz
+            write_samples(self.cfg.output_dir, k, step_records(k, self.cfg, self.tokenizer, rollouts, scored))
+        with timed(t, "update"):
+            m = self.update(rollouts, scored)
+        with timed(t, "weight_sync"):  # vLLM: push the updated weights before the next rollout (raises if it fails)
+            self.rollout.sync_weights(self.engine.module)
+        samp = sampler_logprobs(rollouts.sampler_logprobs, scored.old_logp.shape[1])
+        if samp is not None:  # rollout/logprob_diff(_max): |sampler - trainer old log-prob| over response tokens
+            m.update(logprob_diff_metrics(scored.old_logp, samp, scored.mask))
+        m.update({**scored.stats, **rstats, **t, "lam": lam})
+        G = rollouts.group_size
+        m["reward"] = rollouts.rewards.mean().item()
+        m["response_length"] = scored.mask.sum(-1).float().mean().item()
+        solved = rollouts.rewards.view(-1, G).max(-1).values >= acfg.reject_threshold
+        m["solved_groups_frac"] = solved.float().mean().item()
+        return m
+
+    def generate(self, k: int) -> Rollouts:
+        """This rank's share of the step's prompts, ``G`` samples each."""
+        cfg, G = self.cfg, self.cfg.rollout.group_size
         idx = self.stream.next(cfg.rollout.prompts_per_step)
         mine = [
             self.examples[i] for i in idx[self.rank * self.prompts_per_rank : (self.rank + 1) * self.prompts_per_rank]
         ]
+        responses = self.rollout.generate(
+            [ex.prompt_ids for ex in mine], G, seed=cfg.seed * 1_000_003 + k * 7919 + self.rank
+        )
+        return Rollouts(
+            prompts=[list(ex.prompt_ids) for ex in mine],
+            responses=responses,
+            texts=self.tokenizer.batch_decode(responses, skip_special_tokens=True),
+            answers=[ex.answer for ex in mine],
+            questions=[ex.question for ex in mine],
+            group_size=G,
+            sampler_logprobs=getattr(self.rollout, "last_logprobs", None),
+        )
 
-        with timed(t, "rollout"):
-            responses = self.rollout.generate(
-                [ex.prompt_ids for ex in mine], G, seed=cfg.seed * 1_000_003 + k * 7919 + self.rank
-            )
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rows = [ex for ex in mine for _ in range(G)]
-        with timed(t, "reward"):
-            rewards_list, rstats = self.reward(texts, [ex.answer for ex in rows], [ex.question for ex in rows])
-        rewards = torch.tensor(rewards_list, dtype=torch.float32)
-        seq_adv = grpo_advantages(rewards, G, acfg.scale_by_std)
+    def score_rewards(self, rollouts: Rollouts) -> dict:
+        """Sets ``rollouts.rewards``; returns the reward statistics."""
+        G = rollouts.group_size
+        answers = [a for a in rollouts.answers for _ in range(G)]
+        questions = [q for q in rollouts.questions for _ in range(G)]
+        rewards, stats = self.reward(rollouts.texts, answers, questions)
+        rollouts.rewards = torch.tensor(rewards, dtype=torch.float32)
+        return stats
 
-        contexts = [ex.prompt_ids for ex in rows]
-        width = max(1, max(len(r) for r in responses))
-        batch = build_batch(contexts, responses, self.tokenizer.pad_token_id, response_width=width)
-        mask = batch.mask
-        with timed(t, "logprob_old"):
-            old_logp = self.batch_logprobs(self.engine.module, batch)
-        ref_logp = None
-        if self.ref_model is not None:
-            with timed(t, "logprob_ref"):
-                ref_logp = self.batch_logprobs(self.ref_model, batch)
+    def update(self, rollouts: Rollouts, scored: Scored) -> dict:
+        """``updates_per_batch`` optimizer steps of the PPO loss; loss sums are normalised globally.
 
-        lam = lam_at(k, acfg.lam, acfg.lam_schedule, acfg.lam_decay_steps) if acfg.name != "grpo" else 0.0
-        m: dict = {"lam": lam}
-        if lam > 0:  # teacher passes run only when they can change the advantages
-            with timed(t, "logprob_teacher"):
-                pos = self.logprobs(
-                    self.engine.module,
-                    [c + self.teacher_ids(ex.answer) for c, ex in zip(contexts, rows)],
-                    responses,
-                    width,
-                )
-                neg, nstats = self.negative_logprobs(
-                    rows, contexts, responses, width, rewards_list, texts, old_logp, pos
-                )
-                m.update(nstats)
-            tok_adv, weights = contrastive_token_advantages(
-                seq_adv, pos, neg, mask, lam=lam, eps_w=acfg.eps_w, backend=cfg.optim.logprob_backend
-            )
-            m.update(delta_diagnostics(seq_adv, rewards, pos, neg, mask, weights, acfg.eps_w, acfg.reject_threshold))
-        else:
-            tok_adv = torch.where(mask, seq_adv[:, None].expand_as(mask), torch.zeros(()))
-
-        with timed(t, "update"):
-            m.update(self.update(batch, old_logp, tok_adv, ref_logp))
-
-        m.update(rstats)
-        m.update(t)
-        m["reward"] = rewards.mean().item()
-        m["response_length"] = mask.sum(-1).float().mean().item()
-        m["solved_groups_frac"] = (rewards.view(-1, G).max(-1).values >= acfg.reject_threshold).float().mean().item()
-        return m
-
-    def update(self, batch, old_logp, tok_adv, ref_logp) -> dict:
-        """``updates_per_batch`` optimizer steps of the PPO loss; loss sums are normalised globally."""
+        Each mini-batch's micro-batches come from the scorer (packed: whole groups, the same count on
+        every rank); the accumulation boundary is set explicitly, so that count may vary by step.
+        """
         cfg, engine = self.cfg.optim, self.engine
         engine.train()
-        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0}
+        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0, "decoder": 0}
         grad_norms = []
+        mini = len(rollouts.responses) // cfg.updates_per_batch
+        isw = None  # rollout.tis_cap: truncated importance weights min(exp(old - sampler), C)
+        samp = sampler_logprobs(rollouts.sampler_logprobs, scored.old_logp.shape[1])
+        if self.cfg.rollout.tis_cap is not None and samp is not None:
+            isw = tis_weights(scored.old_logp, samp, scored.mask, self.cfg.rollout.tis_cap)
         for u in range(cfg.updates_per_batch):
-            rows = slice(u * self.mini_rows, (u + 1) * self.mini_rows)
+            rows = slice(u * mini, (u + 1) * mini)
             count = torch.tensor(
-                [batch.mask[rows].sum().item() if cfg.loss_agg == "token_mean" else float(self.mini_rows)],
+                [scored.mask[rows].sum().item() if cfg.loss_agg == "token_mean" else float(mini)],
                 dtype=torch.float64,
                 device=self.device,
             )
             if dist.is_initialized():
                 dist.all_reduce(count)
             normalizer = count.item()
-            # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over ranks.
-            scale = self.grad_accum * self.world
-            for j in range(self.grad_accum):
-                r0 = u * self.mini_rows + j * cfg.micro_batch_size
-                sl = slice(r0, r0 + cfg.micro_batch_size)
-                mb = batch.rows(sl).to(self.device)
-                logp, entropy = forward_logprobs(
-                    engine,
-                    mb,
-                    temperature=self.cfg.rollout.temperature,
-                    backend=cfg.logprob_backend,
-                    return_entropy=True,
-                    fused_head=cfg.fused_head,
-                )
+            micro = self.experience.micro_batches(rollouts, rows)
+            for j, mb in enumerate(micro):
+                logp, entropy, mask = self.experience.policy_logprobs(engine, mb)
+                sl = mb.rows
                 loss, st = ppo_loss(
                     logp,
-                    old_logp[sl].to(self.device),
-                    tok_adv[sl].to(self.device),
-                    mb.mask,
+                    scored.old_logp[sl].to(self.device),
+                    scored.advantages[sl].to(self.device),
+                    mask,
                     normalizer=normalizer,
                     clip_low=cfg.clip_low,
                     clip_high=cfg.clip_high,
                     dual_clip=cfg.dual_clip,
                     loss_agg=cfg.loss_agg,
-                    ref_logp=None if ref_logp is None else ref_logp[sl].to(self.device),
+                    ref_logp=None if scored.ref_logp is None else scored.ref_logp[sl].to(self.device),
                     kl_coef=cfg.kl_coef,
+                    **({} if isw is None else {"is_weights": isw[sl].to(self.device)}),
                 )
-                engine.backward(loss * scale)
-                if j == self.grad_accum - 1 and self.cfg.engine.zero_stage == 0:
+                # DeepSpeed averages gradients over ranks: scale back to the global sum / normalizer.
+                engine.set_gradient_accumulation_boundary(j == len(micro) - 1)
+                engine.backward(loss * self.world, scale_wrt_gas=False)
+                if j == len(micro) - 1 and self.cfg.engine.zero_stage == 0:
                     grad_norms.append(_grad_norm(engine.module))
                 engine.step()
                 sums["loss"] += loss.item()
-                sums["entropy"] += (entropy.detach() * mb.mask).sum().item()
+                sums["entropy"] += (entropy.detach() * mask).sum().item()
+                sums["decoder"] += mb.tokens
                 for key in ("clipped", "kl", "tokens"):
                     sums[key] += st[key].item()
             if self.cfg.engine.zero_stage > 0 and engine.get_global_grad_norm() is not None:
@@ -349,6 +314,7 @@ class Trainer:
             "entropy": sums["entropy"] / tokens,
             "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
             "lr": engine.get_lr()[0],
+            "tokens/update": sums["decoder"],
         }
 
     # ------------------------------------------------------------------ the loop
@@ -379,6 +345,8 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step_done, desc=f"{cfg.algorithm.name}", dynamic_ncols=True)
         for k in range(self.step_done + 1, cfg.steps + 1):
             m = _gather_mean(self.step(k))
+            for key in ("tokens/experience", "tokens/update"):  # summed over ranks
+                m[key] = int(round(m[key] * self.world))
             self.totals["reward_errors"] += int(round(m.pop("reward_errors") * self.world))
             self.totals["reward_timeouts"] += int(round(m.pop("reward_timeouts") * self.world))
             record = {

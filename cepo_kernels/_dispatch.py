@@ -18,7 +18,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable, Sequence
 
@@ -33,23 +32,34 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_UNSET = object()
+_cache: dict[str, str | None] = {}  # a plain dict, not functools.cache: torch.compile reads it as a constant
+
+
 def triton_import_error() -> str | None:
-    """None when ``triton`` imports, else why it does not."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton does not import ({type(exc).__name__}: {exc})"
-    return None
+    """None when ``triton`` imports, else why it does not (cached)."""
+    err = _cache.get("triton", _UNSET)
+    if err is _UNSET:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            err = None
+        except Exception as exc:  # ImportError, or a broken install
+            err = f"triton does not import ({type(exc).__name__}: {exc})"
+        _cache["triton"] = err
+    return err
 
 
-@functools.cache
 def cuda_extension_error() -> str | None:
-    """None when the compiled extension ``cepo_kernels._C`` loads, else why not."""
-    from cepo_kernels.cuda import extension_error
+    """None when the compiled extension ``cepo_kernels._C`` loads, else why not (cached)."""
+    err = _cache.get("cuda", _UNSET)
+    if err is _UNSET:
+        from cepo_kernels.cuda import extension_error
 
-    return extension_error()
+        err = extension_error()
+        _cache["cuda"] = err
+    return err
 
 
 def _tensors(tensors: Iterable[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -128,7 +138,7 @@ def resolve(
         raise ValueError(f"backend: expected 'auto' or one of {list(order)} for {op}, got {requested!r}")
     if requested != "auto" and requested not in order:
         raise ValueError(f"backend: {op} has no {requested!r} implementation; expected 'auto' or one of {list(order)}")
-    candidates = list(order) if requested == "auto" else [requested]
+    candidates = list(measured_order(op, order)) if requested == "auto" else [requested]
     reasons = []
     for name in candidates:
         reason = why_not(name, tensors, dtypes=dtypes.get(name, LOW_PRECISION), op=op)
@@ -140,6 +150,30 @@ def resolve(
             return name
         reasons.append(f"{name}: {reason}")
     raise ValueError(f"backend: no backend can run {op} here ({'; '.join(reasons)})")
+
+
+MEASURED_ORDER_FILE = os.path.join(os.path.dirname(__file__), "measured_order.json")
+
+
+def measured_order(op: str, order: Sequence[str]) -> Sequence[str]:
+    """``auto``'s order for ``op``: the op's own, unless ``cepo_kernels/measured_order.json`` (written
+    from a GPU benchmark run by ``python -m bench.results_jsonl --write-order``) names another order
+    of the same backends for this card (``{card: {op: [backends]}}``, card as in
+    ``torch.cuda.get_device_name()`` with spaces as underscores). Read once."""
+    table = _cache.get("measured", _UNSET)
+    if table is _UNSET:
+        table = {}
+        try:
+            if os.path.exists(MEASURED_ORDER_FILE) and torch.cuda.is_available():
+                import json
+
+                with open(MEASURED_ORDER_FILE) as f:
+                    table = json.load(f).get(torch.cuda.get_device_name().replace(" ", "_"), {})
+        except Exception:  # a broken file never breaks dispatch
+            table = {}
+        _cache["measured"] = table
+    got = table.get(op)
+    return tuple(got) if got and sorted(got) == sorted(order) else order
 
 
 def _on_cpu(tensors: Sequence[torch.Tensor | None]) -> bool:

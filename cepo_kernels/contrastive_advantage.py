@@ -47,7 +47,8 @@ def contrastive_advantage(
             own log-probs).
         lam: in ``[0, 1]``; 0 gives GRPO (``A_t = A`` exactly).
         eps_w: in ``[0, 1)``; the weight is clipped to ``[1 - eps_w, 1 + eps_w]``.
-        mask: bool ``(..., T)``, True where the token counts; None means all count.
+        mask: ``(..., T)`` bool, integer or float (TRL / verl 0/1 masks), nonzero where the token
+            counts; None means all count.
         return_weights: also return the clipped weights ``c_t``.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
 
@@ -66,7 +67,7 @@ def contrastive_advantage(
     _validate.check_shape("neg_logprobs", neg_logprobs, pos_logprobs.shape, "same as pos_logprobs")
     shape = tuple(pos_logprobs.shape)
     _validate.check_advantages(advantages, shape)
-    _validate.check_mask(mask, shape)
+    mask = _validate.check_mask(mask, shape)
     _validate.check_same_device(advantages=advantages, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, mask=mask)
     lam, eps_w = _validate.check_lam_eps(lam, eps_w)
     chosen = _dispatch.resolve(OP, backend, ORDER, [advantages, pos_logprobs, neg_logprobs], dtypes=DTYPES)

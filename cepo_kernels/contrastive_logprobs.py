@@ -53,14 +53,15 @@ def prepare_contrastive_inputs(targets, advantages, mask, ignore_index, dtype):
 
 
 def check_contrastive_options(targets, advantages, mask, lam, eps_w, temperature):
-    """The checks shared by the logits and hidden-state contrastive ops."""
+    """The checks shared by the logits and hidden-state contrastive ops; returns ``(lam, eps_w,
+    temperature, mask as bool or None)``."""
     _validate.check_int("targets", targets)
     if targets.dim() < 1:
         raise ValueError(f"targets: expected shape (..., T), got {tuple(targets.shape)}")
     _validate.check_advantages(advantages, tuple(targets.shape))
-    _validate.check_mask(mask, tuple(targets.shape))
+    mask = _validate.check_mask(mask, tuple(targets.shape))
     lam, eps_w = _validate.check_lam_eps(lam, eps_w)
-    return lam, eps_w, _validate.check_temperature(temperature)
+    return lam, eps_w, _validate.check_temperature(temperature), mask
 
 
 @torch.no_grad()
@@ -77,6 +78,7 @@ def contrastive_logprobs(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    validate: bool | None = None,
 ) -> ContrastiveLogprobs:
     """Log-probs of ``targets`` under three contexts and the CEPO advantages, in one pass.
 
@@ -89,9 +91,13 @@ def contrastive_logprobs(
         advantages: ``(...)`` per sequence, or ``(..., T)`` per token; float.
         lam, eps_w: weighting strength in ``[0, 1]`` and clip half-width in ``[0, 1)``.
         temperature: finite, > 0; logits are divided by it.
-        mask: bool ``(..., T)``, True where the token counts; tokens equal to ``ignore_index``
-            never count.
+        mask: ``(..., T)`` bool, integer or float (TRL / verl 0/1 masks); nonzero where the token
+            counts. Tokens equal to ``ignore_index`` never count.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+        validate: check the target range with one host sync (raises ``ValueError``);
+            ``None`` (default) does so only for CPU tensors and never under ``torch.compile``.
+            Without the check nothing syncs and an out-of-range target (where the mask counts)
+            gives NaN log-probs and is treated as masked (weight 1, advantage 0).
 
     Returns:
         ``ContrastiveLogprobs(policy, pos, neg, weights, advantages)``: log-probs
@@ -100,7 +106,7 @@ def contrastive_logprobs(
         ``A_t = A * ((1 - lam) + lam * c_t)`` (see ``contrastive_advantage``). Masked tokens get
         log-probs 0, weight 1 and advantage 0.
     """
-    lam, eps_w, temperature = check_contrastive_options(targets, advantages, mask, lam, eps_w, temperature)
+    lam, eps_w, temperature, mask = check_contrastive_options(targets, advantages, mask, lam, eps_w, temperature)
     token_shape = tuple(targets.shape)
     streams = {"policy_logits": policy_logits, "pos_logits": pos_logits, "neg_logits": neg_logits}
     for name, logits in streams.items():
@@ -112,7 +118,7 @@ def contrastive_logprobs(
     vocab = pos_logits.shape[-1]
     if vocab == 0:
         raise ValueError("pos_logits: expected a vocabulary dimension of at least 1, got 0")
-    _validate.check_targets("targets", targets, vocab, ignore_index, mask)
+    targets, bad = _validate.screen_targets(targets, vocab, ignore_index, validate, mask)
     tensors = [policy_logits, pos_logits, neg_logits, advantages]
     chosen = _dispatch.resolve(OP, backend, ORDER, tensors, dtypes=DTYPES)
 
@@ -130,4 +136,7 @@ def contrastive_logprobs(
         flat(policy_logits), flat(pos_logits), flat(neg_logits), flat_targets, a_tok, sign, keep,
         lam, eps_w, temperature, int(ignore_index),
     )  # fmt: skip
-    return ContrastiveLogprobs(*(o.view(token_shape) if o is not None else None for o in outs))
+    outs = [o.view(token_shape) if o is not None else None for o in outs]
+    for i in range(3):  # the log-prob streams; weights and advantages already treat bad as masked
+        outs[i] = _validate.mark_bad(outs[i], bad)
+    return ContrastiveLogprobs(*outs)

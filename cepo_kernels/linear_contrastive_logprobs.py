@@ -49,6 +49,7 @@ def linear_contrastive_logprobs(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    validate: bool | None = None,
 ) -> ContrastiveLogprobs:
     """Log-probs of ``targets`` under three contexts and the CEPO advantages, from hidden states.
 
@@ -66,10 +67,14 @@ def linear_contrastive_logprobs(
         advantages: ``(...)`` per sequence, or ``(..., T)`` per token; float.
         lam, eps_w: weighting strength in ``[0, 1]`` and clip half-width in ``[0, 1)``.
         temperature: finite, > 0; logits are divided by it.
-        mask: bool ``(..., T)``, True where the token counts; tokens equal to ``ignore_index``
-            never count.
+        mask: ``(..., T)`` bool, integer or float (TRL / verl 0/1 masks); nonzero where the token
+            counts. Tokens equal to ``ignore_index`` never count.
         bias: ``(V,)`` float or None.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        validate: check the target range with one host sync (raises ``ValueError``);
+            ``None`` (default) does so only for CPU tensors and never under ``torch.compile``.
+            Without the check nothing syncs and an out-of-range target (where the mask counts)
+            gives NaN log-probs and is treated as masked (weight 1, advantage 0).
 
     Returns:
         ``ContrastiveLogprobs(policy, pos, neg, weights, advantages)``, each ``(..., T)`` float32
@@ -80,7 +85,7 @@ def linear_contrastive_logprobs(
         advantage 0. Each stream's log-probs are bit-identical to ``linear_token_logprobs`` of
         that stream on the same backend (same tiles, same reduction order).
     """
-    lam, eps_w, temperature = check_contrastive_options(targets, advantages, mask, lam, eps_w, temperature)
+    lam, eps_w, temperature, mask = check_contrastive_options(targets, advantages, mask, lam, eps_w, temperature)
     token_shape = tuple(targets.shape)
     streams = {"policy_hidden": policy_hidden, "pos_hidden": pos_hidden, "neg_hidden": neg_hidden}
     vocab = None
@@ -90,7 +95,7 @@ def linear_contrastive_logprobs(
         vocab = check_head(name, hidden, weight, bias)
         _validate.check_shape(name, hidden, (*token_shape, weight.shape[1]), "targets.shape + (D,)")
     _validate.check_same_device(targets=targets, advantages=advantages, mask=mask, weight=weight, bias=bias, **streams)
-    _validate.check_targets("targets", targets, vocab, ignore_index, mask)
+    targets, bad = _validate.screen_targets(targets, vocab, ignore_index, validate, mask)
     tensors = [policy_hidden, pos_hidden, neg_hidden, weight, bias, advantages]
     chosen = _dispatch.resolve(OP, backend, ORDER, tensors, dtypes=DTYPES)
 
@@ -110,4 +115,7 @@ def linear_contrastive_logprobs(
         flat(policy_hidden), flat(pos_hidden), flat(neg_hidden), w, b, flat_targets, a_tok, sign, keep,
         lam, eps_w, temperature, int(ignore_index),
     )  # fmt: skip
-    return ContrastiveLogprobs(*(o.view(token_shape) if o is not None else None for o in outs))
+    outs = [o.view(token_shape) if o is not None else None for o in outs]
+    for i in range(3):  # the log-prob streams; weights and advantages already treat bad as masked
+        outs[i] = _validate.mark_bad(outs[i], bad)
+    return ContrastiveLogprobs(*outs)

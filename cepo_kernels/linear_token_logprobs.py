@@ -99,6 +99,7 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    validate: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token under the LM head, without materializing logits.
 
@@ -117,6 +118,10 @@ def linear_token_logprobs(
         ignore_index: targets equal to it give log-prob 0, entropy 0 and exactly zero gradient.
         return_entropy: also return ``H = -sum_j p_j log p_j`` of the same distribution.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        validate: check the target range with one host sync (raises ``ValueError``);
+            ``None`` (default) does so only for CPU tensors and never under ``torch.compile``.
+            Without the check nothing syncs and an out-of-range target gives a NaN log-prob
+            (and entropy) with zero gradient instead of an error.
 
     Returns:
         ``logp`` of shape ``(...)``, float32 (float64 for float64 inputs), and ``entropy`` of the
@@ -138,7 +143,7 @@ def linear_token_logprobs(
     _validate.check_shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")
     _validate.check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     temperature = _validate.check_temperature(temperature)
-    _validate.check_targets("targets", targets, vocab, ignore_index)
+    targets, bad = _validate.screen_targets(targets, vocab, ignore_index, validate)
     chosen = _dispatch.resolve(OP, backend, ORDER, [hidden, weight, bias], dtypes=DTYPES)
 
     lead = hidden.shape[:-1]
@@ -155,5 +160,5 @@ def linear_token_logprobs(
         chosen,
     )
     if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
-    return out.view(lead)
+        return _validate.mark_bad(out[0].view(lead), bad), _validate.mark_bad(out[1].view(lead), bad)
+    return _validate.mark_bad(out.view(lead), bad)

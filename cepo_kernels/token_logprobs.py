@@ -52,6 +52,11 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def _viewable_2d(x: torch.Tensor) -> bool:
+    """Whether ``x (B, T, V)`` flattens to ``(B T, V)`` with one row stride (no copy)."""
+    return x.shape[0] <= 1 or x.shape[1] <= 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
 def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -60,6 +65,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    validate: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token, ``log softmax(logits / temperature)[target]``.
 
@@ -71,6 +77,10 @@ def token_logprobs(
         ignore_index: targets equal to it give log-prob 0, entropy 0 and zero gradient.
         return_entropy: also return ``H = -sum_j p_j log p_j`` of the same distribution.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+        validate: check the target range with one host sync (raises ``ValueError``);
+            ``None`` (default) does so only for CPU tensors and never under ``torch.compile``.
+            Without the check nothing syncs and an out-of-range target gives a NaN log-prob
+            (and entropy) with zero gradient instead of an error.
 
     Returns:
         ``logp`` of shape ``(...)``, float32 (float64 for float64 logits), and ``entropy`` of
@@ -88,15 +98,18 @@ def token_logprobs(
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError("logits: expected a vocabulary dimension of at least 1, got 0")
-    _validate.check_targets("targets", targets, vocab, ignore_index)
+    targets, bad = _validate.screen_targets(targets, vocab, ignore_index, validate)
     chosen = _dispatch.resolve(OP, backend, ORDER, [logits], dtypes=DTYPES)
 
     lead = logits.shape[:-1]
-    logits2d = logits.reshape(-1, vocab)
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
+    if chosen == "triton" and logits.dim() == 3 and logits.stride(-1) == 1 and not _viewable_2d(logits):
+        logits2d = logits  # e.g. logits[:, :-1]: the kernels take an outer and a row stride, no copy
+    else:
+        logits2d = logits.reshape(-1, vocab)
+        if logits2d.stride(-1) != 1:
+            logits2d = logits2d.contiguous()
     targets1d = targets.reshape(-1)
     out = TokenLogprobsFunction.apply(logits2d, targets1d, temperature, int(ignore_index), return_entropy, chosen)
     if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
-    return out.view(lead)
+        return _validate.mark_bad(out[0].view(lead), bad), _validate.mark_bad(out[1].view(lead), bad)
+    return _validate.mark_bad(out.view(lead), bad)

@@ -5,8 +5,11 @@ each query sees its ancestor segments whole and its own segment causally. See
 ``cepo_kernels/reference/tree_attention.py`` for the exact rule and ``docs/tree_attention.md``.
 
 Backends: ``triton`` (GPU; CPU under ``TRITON_INTERPRET=1``) and ``torch`` (reference: dense
-mask, explicit softmax; the CPU path, fp64 capable). The backward of the torch backend recomputes
-the forward under autograd.
+mask, explicit softmax; the CPU path, fp64 capable). The backward of the torch backend is the
+explicit formula (``reference.tree_attention.tree_attention_backward``), traceable by
+``torch.compile``. With ``need_lse=False`` the torch backend runs SDPA over each segment's window
+(its ancestor chain and itself, ``reference/tree_attention_windows.py``; index tables cached on
+the :class:`TreeLayout`, so they are built once per forward).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from cepo_kernels import _dispatch, _validate
 from cepo_kernels.reference import tree_attention as ref
 from cepo_kernels.reference.tree_attention import MAX_DEPTH, TreeLayout
+from cepo_kernels.reference.tree_attention_windows import tree_attention_windows
 
 OP = "tree_attention"
 ORDER = ("triton", "torch")
@@ -66,21 +70,7 @@ class TreeAttentionFunction(torch.autograd.Function):
 
             dq, dk, dv = tri.tree_attention_bwd(q, k, v, out, lse, grad_out, grad_lse, layout, scale)
         else:
-            with torch.enable_grad():
-                qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-                o2, l2 = ref.tree_attention_forward(qd, kd, vd, layout, scale)
-                outs, grads = [], []
-                if grad_out is not None:
-                    outs.append(o2)
-                    grads.append(grad_out)
-                if grad_lse is not None:
-                    finite = torch.isfinite(l2)
-                    outs.append(torch.where(finite, l2, torch.zeros_like(l2)))
-                    grads.append(torch.where(finite, grad_lse, torch.zeros_like(grad_lse)))
-                dq, dk, dv = torch.autograd.grad(outs, (qd, kd, vd), grads, allow_unused=True)
-                dq = torch.zeros_like(q) if dq is None else dq
-                dk = torch.zeros_like(k) if dk is None else dk
-                dv = torch.zeros_like(v) if dv is None else dv
+            dq, dk, dv = ref.tree_attention_backward(q, k, v, lse, grad_out, grad_lse, layout, scale)
         return dq, dk, dv, None, None, None
 
 
@@ -92,7 +82,8 @@ def tree_attention(
     *,
     scale: float | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention in which each query sees its ancestor segments and, causally, its own segment.
 
     Args:
@@ -102,13 +93,18 @@ def tree_attention(
             segment table ``(seg_start, seg_len, seg_parent)``, each ``(B, S)`` int.
         scale: the score scale, default ``D ** -0.5``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        need_lse: ``False`` returns ``(out, None)``; the torch backend then runs
+            ``F.scaled_dot_product_attention`` over each segment's window of keys (autograd through
+            SDPA; many times faster than the explicit softmax on a CPU, and linear in the segment
+            lengths rather than quadratic in the row), the triton backend is unchanged. This is
+            what a model's attention layers want.
 
     Returns:
         ``(out, lse)``: ``out`` ``(B, H, T, D)`` in q's dtype, ``o_i = sum_j softmax_j(s_ij) v_j``
         with ``s_ij = scale q_i.k_j`` over the keys ``j`` that query ``i`` sees; ``lse`` ``(B, H, T)``
-        float32 (float64 on the torch backend for float64 inputs), ``log sum_j exp(s_ij)``. Queries
-        that see no key (padding) give ``out = 0`` and ``lse = -inf``. Differentiable in q, k, v
-        through both outputs.
+        float32 (float64 on the torch backend for float64 inputs), ``log sum_j exp(s_ij)``, or
+        ``None`` when ``need_lse=False``. Queries that see no key (padding) give ``out = 0`` (zero
+        gradient, never NaN) and ``lse = -inf``. Differentiable in q, k, v through both outputs.
     """
     _validate.check_float("q", q, min_dim=4)
     _validate.check_float("k", k, min_dim=4)
@@ -139,5 +135,19 @@ def tree_attention(
     if scale is None:
         scale = D**-0.5
     scale = float(scale)
-    chosen = _dispatch.resolve(OP, backend, ORDER, [q, k, v], dtypes=DTYPES)
+    # head dims above 128 exceed the triton tiles' registers: auto takes torch, triton says why
+    order = ORDER if D <= 128 or backend != "auto" else ("torch",)
+    chosen = _dispatch.resolve(OP, backend, order, [q, k, v], dtypes=DTYPES)
+    if chosen == "torch" and need_lse:
+        layout.sdpa_mask()  # build (and cache) the mask here, outside the autograd Function
+    if not need_lse:
+        if chosen == "torch":
+            if _validate._compiling():
+                # the window tables are sized from the segment table (data-dependent shapes):
+                # under torch.compile the dense-mask SDPA (same result) keeps the graph whole
+                return ref.tree_attention_sdpa(q, k, v, layout, scale), None
+            # one SDPA over each segment's window (its ancestors and itself): linear in the segments,
+            # not quadratic in the row (reference/tree_attention_windows.py)
+            return tree_attention_windows(q, k, v, layout, scale), None
+        return TreeAttentionFunction.apply(q, k, v, layout, scale, chosen)[0], None
     return TreeAttentionFunction.apply(q, k, v, layout, scale, chosen)

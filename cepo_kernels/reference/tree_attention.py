@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 MAX_DEPTH = 4  # prompt -> answer -> response is depth 2; the kernel tests this many ancestor levels
 CHUNK_ELEMENTS = 1 << 24  # score elements per chunk of query rows in the explicit path
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2] if x.isdigit()) >= (2, 5)  # has enable_gqa
 
 
 class TreeLayout:
@@ -124,6 +125,7 @@ class TreeLayout:
         self.depth = depth.to(torch.int32).contiguous()
         self.anc = anc.to(torch.int32).contiguous()
         self._blocks: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._sdpa_mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +150,19 @@ class TreeLayout:
         kj = torch.arange(self.seq_len, device=self.device)
         vis &= (seg_k[:, None, :] != seg_q[:, :, None]) | (kj[None, None, :] <= qi[None, :, None])
         return vis
+
+    def sdpa_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, seen)``: ``mask`` ``(B, 1, T, T)`` bool, :meth:`dense_mask` with each padding query
+        also seeing itself (so no softmax row is empty and SDPA gives no NaN, forward or backward);
+        ``seen`` ``(B, 1, T, 1)`` bool, True for queries that see some key in :meth:`dense_mask`.
+        Built once per layout and cached (every layer of a forward reuses it; ``B * T * T`` bytes)."""
+        if self._sdpa_mask is None:
+            mask = self.dense_mask()
+            seen = mask.any(-1)  # (B, T)
+            idx = torch.arange(self.seq_len, device=self.device)
+            mask[:, idx, idx] |= ~seen
+            self._sdpa_mask = (mask[:, None], seen[:, None, :, None])
+        return self._sdpa_mask
 
     def block_lists(self, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Which key blocks each query block must visit, and the transpose, from the segment table.
@@ -274,10 +289,11 @@ def tree_attention_forward(
     kr = repeat_kv(k, heads).to(acc)
     vr = repeat_kv(v, heads).to(acc)
     chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * T))
+    full_mask, seen = layout.sdpa_mask()  # cached on the layout: built once per forward, not per layer
     outs, lses = [], []
     for r0 in range(0, T, chunk):
         rows = slice(r0, min(T, r0 + chunk))
-        mask = layout.dense_mask(rows)[:, None]  # (B, 1, tq, T)
+        mask = full_mask[:, :, rows] & seen[:, :, rows]  # (B, 1, tq, T), padding queries see nothing
         s = torch.matmul(q[:, :, rows].to(acc), kr.transpose(-1, -2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
@@ -290,16 +306,82 @@ def tree_attention_forward(
     return out.to(q.dtype), lse
 
 
+def tree_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    layout: TreeLayout,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`tree_attention_forward` for upstream gradients of ``out`` and ``lse``.
+
+    With ``p_ij = exp(s_ij - lse_i)`` (0 where ``j`` is not visible), ``o_i = sum_j p_ij v_j``::
+
+        dv_j  = sum_i p_ij do_i
+        ds_ij = p_ij (do_i . v_j - do_i . o_i + dlse_i)      (d lse_i / d s_ij = p_ij)
+        dq_i  = scale sum_j ds_ij k_j,   dk_j = scale sum_i ds_ij q_i
+
+    summed over the query heads of each key head (GQA). ``grad_lse`` is ignored where ``lse`` is
+    ``-inf`` (padding). Explicit formulas rather than autograd through the forward, so
+    ``torch.compile`` can trace it. fp32 math (fp64 for fp64), chunked over query rows like the
+    forward; ``o`` is recomputed in that precision. Results in the inputs' dtypes.
+    """
+    acc = accumulation_dtype(q.dtype)
+    batch, heads, T, D = q.shape
+    kv_heads = k.shape[1]
+    kr = repeat_kv(k, heads).to(acc)
+    vr = repeat_kv(v, heads).to(acc)
+    full_mask, seen = layout.sdpa_mask()
+    finite = torch.isfinite(lse)
+    shift_all = torch.where(finite, lse, torch.zeros_like(lse)).to(acc)
+    do_all = grad_out.to(acc) if grad_out is not None else None
+    dl_all = torch.where(finite, grad_lse, torch.zeros_like(grad_lse)).to(acc) if grad_lse is not None else None
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dkr = torch.zeros(batch, heads, T, D, dtype=acc, device=q.device)
+    dvr = torch.zeros_like(dkr)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, batch * heads * T))
+    for r0 in range(0, T, chunk):
+        rows = slice(r0, min(T, r0 + chunk))
+        mask = full_mask[:, :, rows] & seen[:, :, rows]
+        q_c = q[:, :, rows].to(acc)
+        s = torch.matmul(q_c, kr.transpose(-1, -2)) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.exp(s - shift_all[:, :, rows, None])  # exactly 0 where masked
+        ds = torch.zeros_like(p)
+        if do_all is not None:
+            do_c = do_all[:, :, rows]
+            o_c = torch.matmul(p, vr)
+            dp = torch.matmul(do_c, vr.transpose(-1, -2))
+            ds = p * (dp - (do_c * o_c).sum(-1, keepdim=True))
+            dvr += torch.matmul(p.transpose(-1, -2), do_c)
+        if dl_all is not None:
+            ds = ds + p * dl_all[:, :, rows, None]
+        dq[:, :, rows] = torch.matmul(ds, kr) * scale
+        dkr += torch.matmul(ds.transpose(-1, -2), q_c) * scale
+    group = heads // kv_heads
+    dk = dkr.view(batch, kv_heads, group, T, D).sum(2)
+    dv = dvr.view(batch, kv_heads, group, T, D).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def tree_attention_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TreeLayout, scale: float
 ) -> torch.Tensor:
     """Tree attention through ``F.scaled_dot_product_attention`` with the dense boolean mask (no LSE).
 
-    Same shapes as :func:`tree_attention_forward`; queries that see no key give 0. Memory: the
-    ``(B, T, T)`` mask is materialised.
+    Same shapes as :func:`tree_attention_forward`; differentiable by autograd through SDPA. Runs in
+    the input dtype (SDPA's kernels accumulate in fp32; fp64 stays fp64). The mask is
+    :meth:`TreeLayout.sdpa_mask` (cached on the layout): padding queries attend to themselves, so
+    no row is empty and neither the output nor its gradients are NaN, and their output is then set
+    to 0 (zero gradient flows back from them). Memory: the ``(B, T, T)`` bool mask, once per layout.
     """
-    mask = layout.dense_mask()[:, None]
+    mask, seen = layout.sdpa_mask()
     heads = q.shape[1]
-    out = F.scaled_dot_product_attention(q, repeat_kv(k, heads), repeat_kv(v, heads), attn_mask=mask, scale=scale)
-    seen = mask.any(-1, keepdim=True)
-    return torch.where(seen, out, torch.zeros_like(out))
+    if heads != k.shape[1] and _SDPA_GQA:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, heads), repeat_kv(v, heads), attn_mask=mask, scale=scale)
+    return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))

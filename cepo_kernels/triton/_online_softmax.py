@@ -45,3 +45,53 @@ def finish_lse(m, s):
 def finish_entropy(s, a):
     """Entropy ``log(s) - a / s``; 0 for a row with no finite value."""
     return tl.where(s > 0, tl.log(s) - a / s, 0.0)
+
+
+# --- lane-wise variant (configuration v2): no reduction, no barrier inside the loop -------------
+#
+# Each of the BLOCK lanes keeps its own running max ``m`` (log2 units: the caller folds
+# ``log2(e) / T`` into one multiply), sum ``s = sum 2^(z - m)`` and, for the entropy,
+# ``a = sum 2^(z - m) (z - m)``. One exp2 per element: with ``d = z - m`` and ``t = 2^-|d|``,
+# an element below the max adds ``t`` (and ``t d``), one above it becomes the new max and scales
+# the old sum by ``t``. The lanes are combined once, at the end of the row.
+
+
+@triton.jit
+def lane_lse_update(m, s, z):
+    """Fold ``z`` (fp32, log2 units, -inf for missing columns) into the lane state ``(m, s)``."""
+    d = z - m
+    d = tl.where(d != d, float("-inf"), d)  # -inf - -inf: nothing seen, nothing to add
+    t = tl.exp2(-tl.abs(d))
+    up = d > 0
+    return tl.where(up, z, m), tl.where(up, s * t + 1.0, s + t)
+
+
+@triton.jit
+def lane_entropy_update(m, s, a, z):
+    """As :func:`lane_lse_update`, also folding ``2^(z - m) (z - m)`` into ``a``."""
+    d = z - m
+    d = tl.where(d != d, float("-inf"), d)
+    t = tl.exp2(-tl.abs(d))
+    up = d > 0
+    a = tl.where(up, tl.where(s > 0, t * (a - s * d), 0.0), a + tl.where(t > 0, t * d, 0.0))
+    return tl.where(up, z, m), tl.where(up, s * t + 1.0, s + t), a
+
+
+@triton.jit
+def lanes_lse2(m, s):
+    """Combine the lanes: ``log2 sum 2^z`` (``-inf`` for a row with no finite value)."""
+    top = tl.max(m, 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return shift + tl.log2(tl.sum(s * tl.exp2(m - shift), 0))
+
+
+@triton.jit
+def lanes_lse2_entropy(m, s, a):
+    """Combine the lanes: ``(log2 sum 2^z, entropy in nats)``; entropy 0 for an empty row."""
+    top = tl.max(m, 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp2(m - shift)
+    total = tl.sum(s * w, 0)
+    centred = tl.sum(tl.where(s > 0, w * (a + s * (m - shift)), 0.0), 0)
+    entropy = tl.where(total > 0, (tl.log2(total) - centred / total) * 0.6931471805599453, 0.0)
+    return shift + tl.log2(total), entropy

@@ -130,6 +130,26 @@ def _online_update(m, s, a, z, COMPUTE_ENTROPY: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(num_n, num_v, GROUP: tl.constexpr):
+    """``(row block, vocabulary block)`` of this program. ``GROUP == 0`` (v1): a 2-D grid, row
+    blocks fastest, so all row blocks of one vocabulary block run together and every row block's
+    hidden states cycle through L2 once per vocabulary block. ``GROUP > 0`` (v2): a 1-D grid in
+    grouped order: ``GROUP`` row blocks walk the vocabulary together (their hidden rows stay in L2
+    while the weight streams past once per group). The order changes nothing in the results."""
+    if GROUP == 0:
+        pid_n = tl.program_id(0)
+        pid_v = tl.program_id(1)
+    else:
+        pid = tl.program_id(0)
+        width = GROUP * num_v
+        first = (pid // width) * GROUP
+        size = tl.minimum(num_n - first, GROUP)
+        pid_n = first + (pid % width) % size
+        pid_v = (pid % width) // size
+    return pid_n, pid_v
+
+
+@triton.jit
 def _linear_lse_fwd_kernel(
     # pointers
     h0_ptr,  # (N, D) hidden states of stream 0, last dim contiguous
@@ -162,9 +182,9 @@ def _linear_lse_fwd_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP: tl.constexpr = 0,  # launch order (see _tile_ids)
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n, pid_s = _tile_ids(tl.cdiv(N, BLOCK_N), tl.cdiv(V, SPLIT_V), GROUP)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
@@ -221,7 +241,7 @@ def _linear_lse_fwd_kernel(
             z = _logits_tile(acc2, b_ptr, cols, col_ok, inv_temperature, HAS_BIAS)
             m2, s2, a2 = _online_update(m2, s2, a2, z, COMPUTE_ENTROPY)
             t2 += tl.sum(tl.where(is_target, z, 0.0), 1)
-    n_splits = tl.num_programs(1)
+    n_splits = tl.cdiv(V, SPLIT_V)  # (not tl.num_programs(1): the grouped grid is 1-D)
     stream_stride = n_splits.to(tl.int64) * N
     off = pid_s.to(tl.int64) * N + rows
     tl.store(part_m_ptr + off, m0, mask=row_ok)
@@ -395,9 +415,11 @@ def _linear_grad_logits_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP: tl.constexpr = 0,  # launch order (see _tile_ids)
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    local = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    pid_n, pid_v = _tile_ids(tl.cdiv(N, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
     cols = v_lo + local
     row_ok = rows < N
     col_ok = cols < v_hi
@@ -457,10 +479,17 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    P_FASTEST: tl.constexpr = False,  # v2: program_id(0) walks the P (D) tiles, so an A row block is re-read from L2
 ):
     """``C (+)= A @ B`` with the whole K-sum in one program's fp32 accumulator (deterministic)."""
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rp = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if P_FASTEST:
+        pid_m = tl.program_id(1)
+        pid_p = tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+        pid_p = tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     m_ok = rm < M
     p_ok = rp < P
     acc = tl.zeros((BLOCK_M, BLOCK_P), tl.float32)
@@ -499,14 +528,16 @@ def _forward_partials(hiddens, weight, bias, targets, temperature, want_entropy)
     if n == 0:
         return part, zt, n_splits
     h = list(hiddens) + [hiddens[0]] * (3 - ns)
-    _linear_lse_fwd_kernel[(triton.cdiv(n, cfg.block_n), n_splits)](
+    group = _group_m()
+    grid = (triton.cdiv(n, cfg.block_n), n_splits) if group == 0 else (triton.cdiv(n, cfg.block_n) * n_splits,)
+    _linear_lse_fwd_kernel[grid](
         h[0], h[1], h[2], weight, bias if bias is not None else weight, targets,
         part[0], part[1], part[2], zt,
         n, v, d, h[0].stride(0), h[1].stride(0), h[2].stride(0), weight.stride(0),
         1.0 / temperature,
         NUM_STREAMS=ns, HAS_BIAS=bias is not None, COMPUTE_ENTROPY=want_entropy, SPLIT_V=cfg.split_v,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_meta(weight.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, GROUP=group, **_dot_meta(weight.dtype),
     )  # fmt: skip
     return part, zt, n_splits
 
@@ -579,11 +610,29 @@ def linear_contrastive_logprobs_fwd(
     return (policy_out if has_policy else None), pos_out, neg_out, w_out, adv_out
 
 
+# v2: the backward's vocabulary chunk is this many columns whatever N is, so each row's d hidden
+# (accumulated chunk by chunk in fp32) is bit-identical for any batch; the gradient block is then
+# N x FIXED_VOCAB_CHUNK (128 MiB of bf16 at N = 8192).
+FIXED_VOCAB_CHUNK = 8192
+
+
+def _group_m() -> int:
+    """Launch-order group of the forward and logits-gradient grids (0: v1's 2-D grid)."""
+    from cepo_kernels import configs
+
+    g = int(configs.get("linear_logprobs")["group_m"])
+    return 0 if g <= 1 else g
+
+
 def vocab_chunk(n: int, v: int, element_size: int, block_v: int) -> int:
-    """Columns per backward chunk: as many as fit ``G_BUDGET_BYTES`` for ``n`` rows, a multiple
-    of ``block_v``, at least ``block_v``, at most ``V`` rounded up."""
-    fit = G_BUDGET_BYTES // max(1, n * element_size)
+    """Columns per backward chunk. v1: as many as fit ``G_BUDGET_BYTES`` for ``n`` rows (so it
+    depends on N, and with it the fp32 summation order of d hidden), a multiple of ``block_v``, at
+    least ``block_v``, at most ``V`` rounded up. v2: ``FIXED_VOCAB_CHUNK`` (rounded to ``block_v``),
+    independent of N: batch-invariant gradients."""
     whole = triton.cdiv(v, block_v) * block_v
+    if _group_m():
+        return max(block_v, min(whole, FIXED_VOCAB_CHUNK // block_v * block_v))
+    fit = G_BUDGET_BYTES // max(1, n * element_size)
     return max(block_v, min(whole, fit // block_v * block_v))
 
 
@@ -591,12 +640,17 @@ def _matmul(a, b, c, accumulate, cfg, dtype):
     """``c (+)= a @ b`` for 2-D strided tensors (``a``/``b`` in ``dtype``)."""
     m, k = a.shape
     p = b.shape[1]
-    grid = (triton.cdiv(m, cfg.mm_block), triton.cdiv(p, cfg.mm_block))
-    _matmul_kernel[grid](
+    from cepo_kernels import configs
+
+    p_fastest = _group_m() > 0  # v2: D-fastest order
+    # the accumulating (dh) matmul also holds the fp32 C tile: v2 halves its width (no spill)
+    block_p = min(cfg.mm_block, int(configs.get("linear_logprobs")["dh_block_p"])) if accumulate else cfg.mm_block
+    grid = (triton.cdiv(m, cfg.mm_block), triton.cdiv(p, block_p))
+    _matmul_kernel[grid[::-1] if p_fastest else grid](
         a, b, c, m, p, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        ACCUMULATE=accumulate, BLOCK_M=cfg.mm_block, BLOCK_P=cfg.mm_block, BLOCK_K=cfg.mm_block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_meta(dtype),
+        ACCUMULATE=accumulate, BLOCK_M=cfg.mm_block, BLOCK_P=block_p, BLOCK_K=cfg.mm_block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, P_FASTEST=p_fastest, **_dot_meta(dtype),
     )  # fmt: skip
 
 
@@ -632,7 +686,9 @@ def linear_logprobs_bwd(
         for v_lo in range(0, v, vc):
             v_hi = min(v, v_lo + vc)
             width = v_hi - v_lo
-            _linear_grad_logits_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(width, cfg.block_v))](
+            group = _group_m()
+            tiles = (triton.cdiv(n, cfg.block_n), triton.cdiv(width, cfg.block_v))
+            _linear_grad_logits_kernel[tiles if group == 0 else (tiles[0] * tiles[1],)](
                 hidden, weight, bias if bias is not None else weight, targets, lse,
                 entropy if entropy is not None else dummy,
                 grad_logp if grad_logp is not None else dummy,
@@ -643,7 +699,7 @@ def linear_logprobs_bwd(
                 HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None,
                 HAS_GRAD_ENTROPY=grad_entropy is not None,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_meta(weight.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, GROUP=group, **_dot_meta(weight.dtype),
             )  # fmt: skip
             g = grad_block[:, :width]
             if need_h and d > 0:

@@ -40,15 +40,74 @@ LN2 = 0.6931471805599453
 assert MAX_DEPTH == 4, "the kernels test exactly four ancestor levels (anc0..anc3)"
 
 
+MAX_HEAD_DIM = 128  # head dim 256 would need > 255 registers per thread at these tiles
+
+
+def launch_config(kind: str, head_dim: int) -> tuple[int, int, dict]:
+    """``(BLOCK_M, BLOCK_N, {num_warps, num_stages})`` of ``kind`` ("fwd" or "bwd") for a head
+    dim, from the active kernel configuration (``cepo_kernels/configs.py``; v1: 64 x 64 at every
+    head dim). Under the interpreter the tiles are a quarter of the GPU's (at least 16), so the
+    CPU tests still see the configuration's shape (e.g. v2's 128 x 64 forward as 32 x 16)."""
+    from cepo_kernels import configs
+
+    table = configs.get("tree_attention")[kind]
+    key = 64 if head_dim <= 64 else 128
+    bm, bn, warps, stages = table[key]
+    if triton_interpreting():
+        bm, bn = max(16, bm // 4), max(16, bn // 4)
+    return bm, bn, {"num_warps": warps, "num_stages": stages}
+
+
 def _blocks() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): small under the interpreter, 64 x 64 on a GPU (not tuned yet)."""
-    return (16, 16) if triton_interpreting() else (64, 64)
+    """(BLOCK_M, BLOCK_N) of the forward at head dim 128 (kept for callers of the v1 API)."""
+    bm, bn, _ = launch_config("fwd", 128)
+    return bm, bn
 
 
-# Launch options at 64 x 64 x head dim 128 on sm_90 (ahead-of-time compile, cuobjdump): forward 4 warps
+# v1 launch options at 64 x 64 x head dim 128 on sm_90 (ahead-of-time compile, cuobjdump): forward 4 warps
 # 202 registers, no spill; dK/dV 4 warps spills (176 B stack), 8 warps 238 registers, no spill. Not timed yet.
 FWD_OPTIONS = {"num_warps": 4, "num_stages": 2}
 BWD_OPTIONS = {"num_warps": 8, "num_stages": 2}
+
+
+@triton.jit
+def _tree_attn_bwd_delta_kernel(
+    # pointers
+    o_ptr,  # (B, H, T, D) forward output, unit stride on D
+    do_ptr,  # (B, H, T, D) upstream gradient of the output, unit stride on D
+    dlse_ptr,  # (B, H, T) fp32 upstream gradient of lse, contiguous (unused unless HAS_DLSE)
+    delta_ptr,  # (B, H, T) fp32 out: rowsum(dO * O) - dlse
+    # sizes
+    T,
+    H,
+    D,
+    # strides (elements)
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    # meta
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Delta of the backward in one small pass (fp32 accumulation) instead of three torch ops."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m < T)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=msk,
+                other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=msk,
+                 other=0.0).to(tl.float32)  # fmt: skip
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    tl.store(delta_ptr + bh * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
@@ -395,6 +454,14 @@ def _upcast(dtype: torch.dtype) -> bool:
     return triton_interpreting() and dtype == torch.bfloat16
 
 
+def _check_head_dim(D: int) -> None:
+    if D > MAX_HEAD_DIM:
+        raise ValueError(
+            f"q: head dim {D} > {MAX_HEAD_DIM} is not supported by the triton tree-attention kernels "
+            "(the tiles would need more than 255 registers per thread); use backend='torch'"
+        )
+
+
 def _check_last_stride(name: str, t: torch.Tensor) -> torch.Tensor:
     """``t`` with unit stride on the head dimension (the kernels assume it)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -407,7 +474,8 @@ def tree_attention_fwd(
     q, k, v = (_check_last_stride(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     batch, heads, T, D = q.shape
     group = heads // k.shape[1]
-    block_m, block_n = _blocks()
+    _check_head_dim(D)
+    block_m, block_n, options = launch_config("fwd", D)
     q2k_idx, q2k_cnt, q2k_full, _, _, _ = layout.block_lists(block_m, block_n)
     nq = q2k_cnt.shape[1]
     out = torch.empty(batch, heads, T, D, dtype=q.dtype, device=q.device)
@@ -424,7 +492,7 @@ def tree_attention_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         layout.anc.stride(0), layout.anc.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **FWD_OPTIONS,
+        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **options,
     )  # fmt: skip
     return out, lse
 
@@ -445,23 +513,37 @@ def tree_attention_bwd(
     batch, heads, T, D = q.shape
     hk = k.shape[1]
     group = heads // hk
+    _check_head_dim(D)
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = _check_last_stride("grad_out", grad_out)
-    delta = (grad_out.float() * out.float()).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+    out = _check_last_stride("out", out)
+    block_d = max(16, triton.next_power_of_2(D))
+    from cepo_kernels import configs
+
+    if configs.active_name() == "v1" or T == 0 or batch * heads == 0:
+        delta = (grad_out.float() * out.float()).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.float()
+        delta = delta.contiguous()
+    else:  # v2: one small kernel
+        delta = torch.empty(batch, heads, T, dtype=torch.float32, device=q.device)
+        dlse = grad_lse.float().contiguous() if grad_lse is not None else delta
+        _tree_attn_bwd_delta_kernel[(triton.cdiv(T, 64), batch * heads)](
+            out, grad_out, dlse, delta, T, heads, D,
+            out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            HAS_DLSE=grad_lse is not None, BLOCK_M=64, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     lse = lse.contiguous()
-    block_m, block_n = _blocks()
+    block_m, block_n, options = launch_config("bwd", D)
     q2k_idx, q2k_cnt, q2k_full, k2q_idx, k2q_cnt, k2q_full = layout.block_lists(block_m, block_n)
     nq, nk = q2k_cnt.shape[1], k2q_cnt.shape[1]
-    dq = torch.zeros(batch, heads, T, D, dtype=q.dtype, device=q.device)
-    dk = torch.zeros(batch, hk, T, D, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(batch, hk, T, D, dtype=v.dtype, device=v.device)
+    # every element is written by the kernels below (rows that see nothing get zeros)
+    dq = torch.empty(batch, heads, T, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(batch, hk, T, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(batch, hk, T, D, dtype=v.dtype, device=v.device)
     if T == 0 or batch * heads == 0:
-        return dq, dk, dv
-    block_d = max(16, triton.next_power_of_2(D))
+        return dq.zero_(), dk.zero_(), dv.zero_()
     common_strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -474,11 +556,11 @@ def tree_attention_bwd(
     )
     _tree_attn_bwd_dkdv_kernel[(nk, batch * hk)](
         q, k, v, grad_out, lse, delta, dk, dv, layout.seg, layout.depth, layout.anc, k2q_idx, k2q_full, k2q_cnt,
-        T, heads, hk, group, D, nk, k2q_idx.shape[2], scale, *common_strides, **meta, **BWD_OPTIONS,
+        T, heads, hk, group, D, nk, k2q_idx.shape[2], scale, *common_strides, **meta, **options,
     )  # fmt: skip
     _tree_attn_bwd_dq_kernel[(nq, batch * heads)](
         q, k, v, grad_out, lse, delta, dq, layout.seg, layout.depth, layout.anc, q2k_idx, q2k_full, q2k_cnt,
-        T, heads, group, D, nq, q2k_idx.shape[2], scale, *common_strides, **meta, **BWD_OPTIONS,
+        T, heads, group, D, nq, q2k_idx.shape[2], scale, *common_strides, **meta, **options,
     )  # fmt: skip
     return dq, dk, dv
 

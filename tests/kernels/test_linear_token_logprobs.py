@@ -262,6 +262,33 @@ def test_linear_token_logprobs_batch_invariant(backend):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("vocab", [100, 5000], ids=["V100", "V5000"])
+def test_linear_token_logprobs_torch_batch_invariant_across_chunks(vocab):
+    """The torch backend works on row chunks of ``chunk_rows(V)`` rows (a fixed matmul shape, the
+    last chunk zero-padded): a row's log-prob, entropy and d hidden are bit-identical for N below,
+    at and above one and two chunks, and wherever the row sits."""
+    chunk = ref_mod.chunk_rows(vocab)
+    n_max = 2 * chunk + 5
+    hidden, weight, bias, targets = make_case(n_max, 24, vocab, torch.float32, "cpu", seed=vocab)
+    up = torch.linspace(-1, 1, n_max)
+
+    def run(rows):
+        h = hidden[rows].detach().clone().requires_grad_()
+        lp, ent = linear_token_logprobs(h, weight, targets[rows], bias=bias, return_entropy=True, backend="torch")
+        (lp * up[rows] + 0.5 * ent).sum().backward()
+        return lp, ent, h.grad
+
+    full = run(torch.arange(n_max))
+    for n in (1, 33, chunk, chunk + 1, 2 * chunk):
+        for lo in (0, n_max - n):
+            rows = torch.arange(lo, lo + n)
+            for got, want, what in zip(run(rows), full, ("log-prob", "entropy", "d hidden")):
+                assert torch.equal(got, want[rows]), f"{what} of rows {lo}:{lo + n} changed with the batch"
+    perm = torch.randperm(n_max, generator=torch.Generator().manual_seed(0))
+    for got, want in zip(run(perm), full):
+        assert torch.equal(got, want[perm])
+
+
 def test_linear_token_logprobs_real_vocabulary_torch():
     """V = 151936 on the chunked torch backend, forward and backward."""
     hidden, weight, bias, targets = make_case(3, 16, 151936, torch.bfloat16, "cpu", seed=151936)

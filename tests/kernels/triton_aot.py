@@ -28,13 +28,14 @@ def case(case_id, module, kernel, signature, constexprs, aligned, **options):
 
 _LOGPROB_FWD = {
     "logits_ptr": "*bf16", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
-    "V": "i32", "stride_logits_row": "i64", "inv_temperature": "fp32", "ignore_index": "i32",
-    "COMPUTE_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
+    "V": "i32", "stride_logits_row": "i64", "rows_inner": "i32", "stride_logits_outer": "i64",
+    "inv_temperature": "fp32", "ignore_index": "i32", "COMPUTE_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
 }  # fmt: skip
 _LOGPROB_BWD = {
     "logits_ptr": "*bf16", "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
     "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_logits_ptr": "*bf16",
-    "V": "i32", "stride_logits_row": "i64", "stride_grad_row": "i64", "inv_temperature": "fp32",
+    "V": "i32", "stride_logits_row": "i64", "rows_inner": "i32", "stride_logits_outer": "i64",
+    "stride_grad_row": "i64", "inv_temperature": "fp32",
     "ignore_index": "i32", "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
 }  # fmt: skip
 _CONTRASTIVE = {
@@ -55,7 +56,7 @@ def _with(sig, **dtypes):
     return {k: dtypes.get(k, v) for k, v in sig.items()}
 
 
-_ROWS = ["logits_ptr", "V", "stride_logits_row"]
+_ROWS = ["logits_ptr", "V", "stride_logits_row", "stride_logits_outer"]
 for dt in ("bf16", "fp16", "fp32"):
     block = 16384 // {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
     for ent in (False, True):

@@ -238,13 +238,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected dotted.key=value")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
-    try:
-        merged = OmegaConf.merge(*layers)
-    except (ConfigKeyError, ConfigAttributeError) as exc:
-        raise ValueError(f"unknown config key {exc.full_key!r} (from {path or 'overrides'})") from None
-    except ValidationError as exc:
-        raise ValueError(f"config key {exc.full_key!r}: {exc.msg.splitlines()[0]}") from None
+    merged = layers[0]
+    sources = [(layer, path) for layer in layers[1:]] + [(OmegaConf.from_dotlist(list(overrides)), "overrides")]
+    for layer, source in sources:  # one merge per source, so an error names where the key came from
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except (ConfigKeyError, ConfigAttributeError) as exc:
+            raise ValueError(f"unknown config key {exc.full_key!r} (from {source})") from None
+        except ValidationError as exc:
+            raise ValueError(f"config key {exc.full_key!r}: {exc.msg.splitlines()[0]}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ValueError(f"missing required config value(s): {', '.join(missing)}")

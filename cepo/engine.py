@@ -28,14 +28,24 @@ def setup_distributed(dist_backend: str | None = None) -> tuple[int, int, torch.
     """Initialise torch.distributed through DeepSpeed; returns ``(rank, world_size, device)``."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    own_port = False
     if "RANK" not in os.environ:  # a plain `python` / `cepo` process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        own_port = "MASTER_PORT" not in os.environ
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+    for attempt in range(5):
+        if torch.distributed.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend=backend)
+        except torch.distributed.DistNetworkError:
+            # the port we picked was taken by another process before we bound it: pick another
+            if not own_port or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))

@@ -121,13 +121,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         self.cfg = cfg
+        check_train_paths(cfg)  # one clear error before transformers reads a missing path as a hub repo id
         self.rank, self.world, self.device = setup_distributed(cfg.engine.dist_backend)
         random.seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
         torch.manual_seed(cfg.seed)
         from transformers import AutoTokenizer
 
-        check_train_paths(cfg)  # one clear error before transformers reads a missing path as a hub repo id
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

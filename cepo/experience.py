@@ -288,7 +288,7 @@ class Experience:
                 for name, values in res.items():
                     out[name][rows] = _scatter(keep, values, fill=1.0 if name == "weights" else 0.0)
         if mode == "policy":
-            adv = torch.where(mask, seq_adv[:, None].expand_as(mask), torch.zeros(()))
+            adv = _sequence_advantages_per_token(seq_adv, mask)
             return Scored(out["policy"], adv, mask, seq_adv, lam, stats={"tokens/experience": tokens})
         return Scored(
             out["policy"], out["adv"], mask, seq_adv, lam, pos=out["pos"], neg=out["neg"], weights=out["weights"],
@@ -359,7 +359,7 @@ class Experience:
         old = self._batch_logprobs(model, batch)
         tokens = int(batch.input_ids.numel())
         if mode == "policy":
-            adv = torch.where(mask, seq_adv[:, None].expand_as(mask), torch.zeros(()))
+            adv = _sequence_advantages_per_token(seq_adv, mask)
             return Scored(old, adv, mask, seq_adv, lam, stats={"tokens/experience": tokens})
         answers = [a for a in rollouts.answers for _ in range(G)]
         pos, t = self._padded_logprobs(
@@ -460,6 +460,11 @@ class Experience:
         if entropy is not None:
             entropy = zeros.masked_scatter(keep, entropy.detach())
         return logp, entropy, keep
+
+
+def _sequence_advantages_per_token(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, R)``: GRPO's ``A`` on every response token (``mask``), 0 at padding."""
+    return torch.where(mask, seq_adv[:, None].expand_as(mask), torch.zeros(()))
 
 
 def _acc_dtype(model) -> torch.dtype:

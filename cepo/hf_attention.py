@@ -101,27 +101,22 @@ def register() -> None:
 
 def check_model(model: torch.nn.Module) -> None:
     """Raise unless ``model`` is a supported family and uses ``"cepo_tree"`` attention."""
-    config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model: tree attention supports {SUPPORTED_MODEL_TYPES}, got model_type={config.model_type!r}"
-        )
-    impl = getattr(config, "_attn_implementation", None)
+    reason = supports(model)
+    if reason:
+        raise ValueError(f"model: {reason}")
+    impl = getattr(model.config, "_attn_implementation", None)
     if impl != IMPL:
         raise ValueError(
             f"model: attn_implementation is {impl!r}, not {IMPL!r}; packed rows would attend across segments "
             f"(flash attention's position-id packing drops the shared prompt). Call cepo.hf_attention.enable(model)"
         )
-    if getattr(config, "use_sliding_window", False):
-        raise ValueError("model: sliding-window attention is not supported with tree attention")
 
 
 def enable(model: torch.nn.Module) -> torch.nn.Module:
     """Switch ``model`` (Qwen2 / Qwen3 / Llama) to ``"cepo_tree"`` attention in place; returns it."""
-    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model: tree attention supports {SUPPORTED_MODEL_TYPES}, got model_type={model.config.model_type!r}"
-        )
+    reason = supports(model)
+    if reason:
+        raise ValueError(f"model: {reason}")
     register()
     model.set_attn_implementation(IMPL)
     check_model(model)

@@ -239,7 +239,7 @@ def pack_groups(
         if g.contexts is not None and any(c not in contexts for c in g.contexts):
             raise ValueError(f"groups[{gi}].contexts: {g.contexts} is not a subset of the pack's {contexts}")
     per_group = [_group_segments(g, contexts) for g in groups]
-    sizes = [sum(len(s[2]) for s in segs) for segs in per_group]
+    sizes = [g.packed_size(contexts) for g in groups]
     if max_row_len is not None:
         for gi, size in enumerate(sizes):
             if size > max_row_len:

@@ -260,7 +260,7 @@ class Trainer:
         engine.train()
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0, "entropy": 0.0, "decoder": 0}
         grad_norms = []
-        mini = len(rollouts.responses) // cfg.updates_per_batch
+        mini = self.mini_rows
         isw = None  # rollout.tis_cap: truncated importance weights min(exp(old - sampler), C)
         samp = sampler_logprobs(rollouts.sampler_logprobs, scored.old_logp.shape[1])
         if self.cfg.rollout.tis_cap is not None and samp is not None:

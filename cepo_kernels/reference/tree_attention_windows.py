@@ -23,9 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cepo_kernels.reference.tree_attention import MAX_DEPTH, TreeLayout, repeat_kv
-
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+from cepo_kernels.reference.tree_attention import _SDPA_GQA, MAX_DEPTH, TreeLayout, repeat_kv
 
 
 class SegmentWindows:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from cepo import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = dict(
     hidden_size=32,
@@ -79,3 +84,30 @@ def write_jsonl(path: str, rows: list) -> str:
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+def subprocess_env() -> dict:
+    """The environment of a child ``cepo`` process: this checkout importable, one thread, and no
+    rendezvous variables inherited from the test process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def kill_at_checkpoint(cmd: list[str], run_dir: str, step: int, timeout: float) -> None:
+    """Run ``cmd`` and ``kill -9`` it as soon as ``run_dir``'s latest checkpoint is ``step``;
+    fails if it finished first."""
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), **quiet)
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(pointer) and open(pointer).read().strip() == f"step-{step:06d}":
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,18 +13,8 @@ from safetensors.torch import load_file
 from cepo import checkpoint as ckpt
 from cepo.config import load_config
 from cepo.train import Trainer
-from tests.trainer.conftest import make_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+from tests.trainer.conftest import ROOT, kill_at_checkpoint, make_config
+from tests.trainer.conftest import subprocess_env as _env
 
 
 @pytest.mark.slow
@@ -97,16 +85,7 @@ def test_kill_and_resume_equals_uninterrupted(assets, tmp_path):
 
     killed = str(tmp_path / "killed")
     config = make_config(assets, killed, **kw)
-    proc = subprocess.Popen(cmd + [config], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = os.path.join(killed, "checkpoints", "latest")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isfile(pointer) and open(pointer).read().strip() == "step-000002":
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(cmd + [config], killed, 2, timeout=300)
     assert ckpt.latest(os.path.join(killed, "checkpoints")).endswith("step-000002")
     assert not os.path.exists(os.path.join(killed, "final"))
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -33,8 +31,9 @@ from cepo.rollout_vllm import (
     tis_weights,
     vllm_available,
 )
+from tests.trainer.conftest import ROOT, kill_at_checkpoint
+from tests.trainer.conftest import subprocess_env as _env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHY_NO_VLLM = vllm_available()
 needs_vllm = pytest.mark.skipif(WHY_NO_VLLM is not None, reason=f"vLLM not importable: {WHY_NO_VLLM}")
 INSTRUCTION = "Answer in \\boxed{}."
@@ -245,15 +244,6 @@ def test_engine_errors_name_the_setting(engine, demo_assets, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- training
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _run_config(assets, out: str, **kw) -> str:
     """configs/demo.yaml with 16 prompts x 8 rollouts per step, 3 steps, a checkpoint at step 2;
     ``a__b=v`` sets ``a.b``."""
@@ -303,17 +293,7 @@ def test_cepo_run_with_vllm_resumes_to_the_same_rollouts(demo_assets, tmp_path):
         assert m["rollout/logprob_diff"] < 1e-3 and m["rollout/logprob_diff_max"] < 1e-2, m
 
     config, dump = _run_config(demo_assets, killed), str(tmp_path / "killed.jsonl")
-    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = subprocess.Popen(cmd + [config, dump], cwd=ROOT, env=_env(), **quiet)
-    pointer = os.path.join(killed, "checkpoints", "latest")
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isfile(pointer) and open(pointer).read().strip() == "step-000002":
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(cmd + [config, dump], killed, 2, timeout=600)
     subprocess.run(cmd + [config, dump, "--resume"], cwd=ROOT, env=_env(), check=True, timeout=600)
 
     a, b = _dumps(str(tmp_path / "straight.jsonl")), _dumps(dump)

@@ -3,6 +3,12 @@
 Each row needs a question and a ground-truth answer (field names configurable). The prompt is the
 tokenizer's chat template applied to ``question + " " + instruction`` (plain text when the tokenizer
 has no template). Prompts longer than ``max_prompt_tokens`` are dropped and counted.
+
+With a vision-language model (``processor`` given), rows are EasyR1's: an image column
+(``data.image_field``, default ``images``: paths, PNG/JPEG bytes or ``{"bytes": ...}``, one or a
+list) and ``<image>`` placeholders in the question, one per image. Every image is decoded and sized
+onto the patch grid at load time (:mod:`cepo.vision`); a missing or undecodable image or a
+placeholder count that does not match is a ``ValueError`` naming the file and row.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class Example:
     answer: str
     prompt: str  # the templated prompt text
     prompt_ids: list[int]  # its token ids
+    images: tuple = ()  # the row's images as given (path / bytes / dict); decoded per step by cepo.vision
 
 
 def _locate_bad_json_line(path: str) -> str | None:
@@ -86,20 +93,67 @@ def format_prompt(tokenizer, question: str, instruction: str, system_prompt: str
     return (f"{system_prompt}\n" if system_prompt else "") + content + "\n"
 
 
-def load_examples(path: str, tokenizer, cfg) -> tuple[list[Example], int]:
+def load_image_column(path: str, field: str, n_rows: int) -> list[tuple]:
+    """Per row, the images of column ``field`` as a tuple (``()`` without images); relative paths
+    are taken from the data file's folder. Raises ``ValueError`` naming the file when the column is
+    missing."""
+    import datasets
+
+    ext = os.path.splitext(path)[1].lower()
+    ds = datasets.load_dataset(FORMATS[ext], data_files=path, split="train", keep_in_memory=True)
+    if field not in ds.column_names:
+        raise ValueError(f"{path}: row 1: no image field {field!r} (fields: {ds.column_names}); set data.image_field")
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for value in ds.with_format(None)[field]:
+        if value is None:
+            items: list = []
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        fixed = []
+        for item in items:
+            if isinstance(item, str) and not os.path.isabs(item):
+                item = os.path.join(base, item)
+            elif isinstance(item, dict) and item.get("bytes") is None and item.get("path"):
+                p = item["path"]
+                item = p if os.path.isabs(p) else os.path.join(base, p)
+            fixed.append(item)
+        out.append(tuple(fixed))
+    if len(out) != n_rows:
+        raise ValueError(f"{path}: {len(out)} image rows for {n_rows} rows")
+    return out
+
+
+def load_examples(path: str, tokenizer, cfg, processor=None) -> tuple[list[Example], int]:
     """Templated, tokenized examples of ``path`` and the number dropped as too long.
 
-    ``cfg`` is a :class:`cepo.config.DataConfig`.
+    ``cfg`` is a :class:`cepo.config.DataConfig`. ``processor``: a :class:`cepo.vision.ImageProcessor`
+    for a vision-language model (rows then carry images, see the module docstring), else None.
     """
     rows = load_rows(path, cfg.question_field, cfg.answer_field)
+    images: list[tuple] = [()] * len(rows)
+    if processor is not None:
+        from cepo import vision
+
+        min_px = getattr(cfg, "min_pixels", vision.DEFAULT_MIN_PIXELS)
+        max_px = getattr(cfg, "max_pixels", vision.DEFAULT_MAX_PIXELS)
+        images = load_image_column(path, getattr(cfg, "image_field", "images"), len(rows))
     examples, dropped = [], 0
-    for question, answer in rows:
+    for i, ((question, answer), imgs) in enumerate(zip(rows, images), start=1):
         prompt = format_prompt(tokenizer, question, cfg.instruction, cfg.system_prompt)
+        if processor is not None:
+            try:
+                sizes = [vision.resize_image(vision.decode_image(v), processor.grid, min_px, max_px).size for v in imgs]
+                prompt = vision.expand_placeholders(prompt, [processor.grid.tokens(h, w) for w, h in sizes])
+            except ValueError as exc:
+                raise ValueError(f"{path}: row {i}: {exc}") from None
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_prompt_tokens:
             dropped += 1
             continue
-        examples.append(Example(question, answer, prompt, ids))
+        examples.append(Example(question, answer, prompt, ids, imgs))
     if not examples:
         raise ValueError(
             f"{path}: no usable rows ({dropped} longer than data.max_prompt_tokens={cfg.max_prompt_tokens})"

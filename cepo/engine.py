@@ -63,9 +63,17 @@ def load_policy(cfg, *, for_training: bool = True):
     mcfg = cfg.model
     if not os.path.isdir(mcfg.path):
         raise FileNotFoundError(f"model directory not found: {mcfg.path}")
-    model = AutoModelForCausalLM.from_pretrained(
-        mcfg.path, dtype=torch.float32, attn_implementation=mcfg.attn_implementation
-    )
+    from cepo import vision
+
+    is_vl = vision.is_vl_dir(mcfg.path)
+    if is_vl:  # Qwen2.5-VL / Qwen3-VL: AutoModelForImageTextToText, the vision tower frozen by default
+        model = vision.load_vl_model(mcfg.path, attn_implementation=mcfg.attn_implementation)
+        if getattr(mcfg, "freeze_vision", True):
+            vision.freeze_vision(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            mcfg.path, dtype=torch.float32, attn_implementation=mcfg.attn_implementation
+        )
     if mcfg.gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -76,7 +84,10 @@ def load_policy(cfg, *, for_training: bool = True):
             r=mcfg.lora_r,
             lora_alpha=mcfg.lora_alpha,
             lora_dropout=mcfg.lora_dropout,
-            target_modules=list(mcfg.lora_target_modules),
+            # never on the vision tower
+            target_modules=vision.lora_targets_outside_vision(list(mcfg.lora_target_modules))
+            if is_vl
+            else list(mcfg.lora_target_modules),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lcfg)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import socket
@@ -24,15 +25,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed(dist_backend: str | None = None) -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed through DeepSpeed; returns ``(rank, world_size, device)``."""
+class DistributedSetupError(RuntimeError):
+    """The process group could not be formed (a rank missing, the master unreachable) within the
+    timeout; the message names the rendezvous, the world size and what to check."""
+
+
+DEFAULT_DIST_TIMEOUT_S = 1800.0  # torch's own default: long enough for rank 0 to write a large checkpoint
+
+
+def launcher_env() -> str:
+    """Fill in the rendezvous variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) for the launchers that do not set them; returns the launcher's name.
+
+    - ``torchrun`` and the ``deepspeed`` launcher set all five: ``"torchrun/deepspeed"``.
+    - ``srun`` with several tasks (one per GPU) sets ``SLURM_PROCID`` / ``SLURM_LOCALID`` /
+      ``SLURM_STEP_NUM_TASKS``; ``MASTER_ADDR`` and ``MASTER_PORT`` must come from the batch script
+      (``examples/slurm/``): ``"srun"``.
+    - a plain ``cepo train`` / ``python`` process is a world of one on a free local port: ``"single"``.
+    """
+    env = os.environ
+    if "RANK" in env:
+        return "torchrun/deepspeed"
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "SLURM_PROCID" in env and tasks > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(
+                f"launched by srun with {tasks} tasks but {' and '.join(missing)} not set: export MASTER_ADDR "
+                "(the first node's hostname) and MASTER_PORT in the batch script (see examples/slurm/)"
+            )
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        return "srun"
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    return "single"
+
+
+def _rendezvous_error(exc: Exception, timeout_s: float) -> DistributedSetupError:
+    """A one-line explanation of a failed ``init_process_group``."""
+    env = os.environ
+    where = f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+    rank, world = env.get("RANK"), env.get("WORLD_SIZE")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if rank == "0":
+        what = (
+            f"rank 0 waited {timeout_s:g} s at {where} for WORLD_SIZE={world} processes and not all joined: check "
+            "that every node was started with the same --nnodes / --nproc_per_node (or srun --ntasks), and that "
+            "the other nodes can reach this one"
+        )
+    else:
+        what = (
+            f"rank {rank} of WORLD_SIZE={world} could not join the rendezvous at {where} within {timeout_s:g} s: "
+            "check MASTER_ADDR / MASTER_PORT (the rank-0 node's address, reachable from this node) and that "
+            "rank 0 is running"
+        )
+    return DistributedSetupError(f"{what} (engine.dist_timeout_s; torch: {first})")
+
+
+def setup_distributed(dist_backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed; returns ``(rank, world_size, device)``.
+
+    ``timeout_s`` (``engine.dist_timeout_s``; default 1800) bounds the rendezvous and every later
+    collective (gloo / NCCL): a missing rank, an unreachable master or a dead peer ends in an error
+    instead of a hang. A failed rendezvous raises :class:`DistributedSetupError` naming the master,
+    the world size and what to check.
+    """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    own_port = False
-    if "RANK" not in os.environ:  # a plain `python` / `cepo` process: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        own_port = "MASTER_PORT" not in os.environ
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    timeout_s = DEFAULT_DIST_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    if not timeout_s > 0:
+        raise ValueError(f"engine.dist_timeout_s: expected > 0 seconds, got {timeout_s!r}")
+    launcher = launcher_env()
+    own_port = launcher == "single" and "MASTER_PORT" not in os.environ
+    if own_port:
+        os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
 
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -40,12 +105,15 @@ def setup_distributed(dist_backend: str | None = None) -> tuple[int, int, torch.
         if torch.distributed.is_initialized():
             break
         try:
-            deepspeed.init_distributed(dist_backend=backend)
-        except torch.distributed.DistNetworkError:
+            deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except torch.distributed.DistNetworkError as exc:
             # the port we picked was taken by another process before we bound it: pick another
-            if not own_port or attempt == 4:
-                raise
-            os.environ["MASTER_PORT"] = str(_free_port())
+            if own_port and attempt < 4:
+                os.environ["MASTER_PORT"] = str(_free_port())
+                continue
+            raise _rendezvous_error(exc, timeout_s) from exc
+        except torch.distributed.DistError as exc:  # DistStoreError: timed out waiting for the other ranks
+            raise _rendezvous_error(exc, timeout_s) from exc
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))

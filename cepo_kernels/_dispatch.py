@@ -9,6 +9,11 @@ backend in the op's order; an explicit backend that cannot run raises a
 The choice is made once per call and the op's autograd Function keeps it, so a
 forward and its backward always run on the same backend.
 
+The order is static, in each op's module (``ORDER``): nothing on this path reads a file, so
+``torch.compile(fullgraph=True)`` can trace a call even as the first one of a process. A GPU
+benchmark run prints the measured order per card (``python -m bench.results_jsonl --write-order``);
+an op's ``ORDER`` changes only when such a measurement says so.
+
 Backends:
 - ``torch``:  plain PyTorch, fp32 math (fp64 for fp64 inputs); always usable.
 - ``triton``: Triton kernels; CUDA tensors, or CPU tensors when the interpreter
@@ -138,7 +143,7 @@ def resolve(
         raise ValueError(f"backend: expected 'auto' or one of {list(order)} for {op}, got {requested!r}")
     if requested != "auto" and requested not in order:
         raise ValueError(f"backend: {op} has no {requested!r} implementation; expected 'auto' or one of {list(order)}")
-    candidates = list(measured_order(op, order)) if requested == "auto" else [requested]
+    candidates = list(order) if requested == "auto" else [requested]
     reasons = []
     for name in candidates:
         reason = why_not(name, tensors, dtypes=dtypes.get(name, LOW_PRECISION), op=op)
@@ -150,30 +155,6 @@ def resolve(
             return name
         reasons.append(f"{name}: {reason}")
     raise ValueError(f"backend: no backend can run {op} here ({'; '.join(reasons)})")
-
-
-MEASURED_ORDER_FILE = os.path.join(os.path.dirname(__file__), "measured_order.json")
-
-
-def measured_order(op: str, order: Sequence[str]) -> Sequence[str]:
-    """``auto``'s order for ``op``: the op's own, unless ``cepo_kernels/measured_order.json`` (written
-    from a GPU benchmark run by ``python -m bench.results_jsonl --write-order``) names another order
-    of the same backends for this card (``{card: {op: [backends]}}``, card as in
-    ``torch.cuda.get_device_name()`` with spaces as underscores). Read once."""
-    table = _cache.get("measured", _UNSET)
-    if table is _UNSET:
-        table = {}
-        try:
-            if os.path.exists(MEASURED_ORDER_FILE) and torch.cuda.is_available():
-                import json
-
-                with open(MEASURED_ORDER_FILE) as f:
-                    table = json.load(f).get(torch.cuda.get_device_name().replace(" ", "_"), {})
-        except Exception:  # a broken file never breaks dispatch
-            table = {}
-        _cache["measured"] = table
-    got = table.get(op)
-    return tuple(got) if got and sorted(got) == sorted(order) else order
 
 
 def _on_cpu(tensors: Sequence[torch.Tensor | None]) -> bool:

@@ -9,6 +9,9 @@ the state stays ``(-inf, 0, 0)``.
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 
 @triton.jit
 def online_lse_update(m, s, z):
@@ -95,3 +98,56 @@ def lanes_lse2_entropy(m, s, a):
     centred = tl.sum(tl.where(s > 0, w * (a + s * (m - shift)), 0.0), 0)
     entropy = tl.where(total > 0, (tl.log2(total) - centred / total) * 0.6931471805599453, 0.0)
     return shift + tl.log2(total), entropy
+
+
+# --- one row of logits, either way -------------------------------------------------------------
+
+
+@triton.jit
+def load_target(ptr, LOG2: tl.constexpr):
+    """The target id at ``ptr``: int32 in the log2 (v2) setting, int64 otherwise."""
+    if LOG2:
+        target = tl.load(ptr).to(tl.int32)
+    else:
+        target = tl.load(ptr).to(tl.int64)
+    return target
+
+
+@triton.jit
+def row_lse(row_ptr, n_cols, V, scale, COMPUTE_ENTROPY: tl.constexpr, LOG2: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Log-sum-exp of ``row * scale`` over the first ``n_cols`` columns (``V`` columns exist),
+    and its entropy in nats (0 unless ``COMPUTE_ENTROPY``). ``LOG2``: ``scale`` is
+    ``log2(e) / T``, the state is lane-wise and the lse is returned in log2 units; otherwise
+    ``scale`` is ``1 / T``, the state is a scalar folded each step and the lse is in nats."""
+    if LOG2:
+        m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        a = tl.zeros((BLOCK_V,), tl.float32)
+    else:
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        a = tl.zeros((), tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale
+        if LOG2:
+            if COMPUTE_ENTROPY:
+                m, s, a = lane_entropy_update(m, s, a, z)
+            else:
+                m, s = lane_lse_update(m, s, z)
+        else:
+            if COMPUTE_ENTROPY:
+                m, s, a = online_entropy_update(m, s, a, z)
+            else:
+                m, s = online_lse_update(m, s, z)
+    entropy = tl.zeros((), tl.float32)
+    if LOG2:
+        if COMPUTE_ENTROPY:
+            lse, entropy = lanes_lse2_entropy(m, s, a)
+        else:
+            lse = lanes_lse2(m, s)
+    else:
+        lse = finish_lse(m, s)
+        if COMPUTE_ENTROPY:
+            entropy = finish_entropy(s, a)
+    return lse, entropy

@@ -43,7 +43,8 @@ Offsets: row and vocabulary indices are widened to int64 before multiplying by a
 (``V x D`` and ``N x V_chunk`` exceed 2^31 elements at real sizes).
 
 The interpreter (``TRITON_INTERPRET=1``) cannot ``tl.dot`` bfloat16 (it multiplies the raw
-bits); there the tiles are upcast to fp32 first (``UPCAST``), which is the same math.
+bits), and its fp32 ``tl.dot`` is a CPU BLAS call whose rounding depends on a row's place in the
+tile; there the tiles are multiplied in fp64 and rounded once to fp32 (``UPCAST``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
+from cepo_kernels import configs
 from cepo_kernels._dispatch import triton_interpreting
+from cepo_kernels.triton._launch import dot_meta
 from cepo_kernels.triton.contrastive_advantage import contrastive_weight
 
 # Largest (N x V_chunk) block of logits gradients the backward keeps at once.
@@ -88,20 +91,13 @@ def config(dtype: torch.dtype) -> Config:
     return Config(64, 128, 32, 4096, 128, 32, 8, 2)
 
 
-def _dot_meta(dtype: torch.dtype) -> dict:
-    return {
-        "UPCAST": triton_interpreting() and dtype == torch.bfloat16,
-        # fp32 inputs: full fp32 products (no TF32); 16-bit inputs ignore this
-        "PRECISION": "ieee" if dtype == torch.float32 or triton_interpreting() else "tf32",
-    }
-
-
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` with an fp32 accumulator."""
+    """``acc + a @ b`` with an fp32 accumulator. ``UPCAST`` (the interpreter only): the product in
+    fp64, rounded once to fp32, so that a row's result does not depend on its place in the tile
+    (the interpreter's matmul is a CPU BLAS call, whose fp32 rounding does)."""
     if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
@@ -537,7 +533,7 @@ def _forward_partials(hiddens, weight, bias, targets, temperature, want_entropy)
         1.0 / temperature,
         NUM_STREAMS=ns, HAS_BIAS=bias is not None, COMPUTE_ENTROPY=want_entropy, SPLIT_V=cfg.split_v,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, GROUP=group, **_dot_meta(weight.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, GROUP=group, **dot_meta(weight.dtype),
     )  # fmt: skip
     return part, zt, n_splits
 
@@ -618,8 +614,6 @@ FIXED_VOCAB_CHUNK = 8192
 
 def _group_m() -> int:
     """Launch-order group of the forward and logits-gradient grids (0: v1's 2-D grid)."""
-    from cepo_kernels import configs
-
     g = int(configs.get("linear_logprobs")["group_m"])
     return 0 if g <= 1 else g
 
@@ -640,8 +634,6 @@ def _matmul(a, b, c, accumulate, cfg, dtype):
     """``c (+)= a @ b`` for 2-D strided tensors (``a``/``b`` in ``dtype``)."""
     m, k = a.shape
     p = b.shape[1]
-    from cepo_kernels import configs
-
     p_fastest = _group_m() > 0  # v2: D-fastest order
     # the accumulating (dh) matmul also holds the fp32 C tile: v2 halves its width (no spill)
     block_p = min(cfg.mm_block, int(configs.get("linear_logprobs")["dh_block_p"])) if accumulate else cfg.mm_block
@@ -650,7 +642,7 @@ def _matmul(a, b, c, accumulate, cfg, dtype):
         a, b, c, m, p, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         ACCUMULATE=accumulate, BLOCK_M=cfg.mm_block, BLOCK_P=block_p, BLOCK_K=cfg.mm_block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, P_FASTEST=p_fastest, **_dot_meta(dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, P_FASTEST=p_fastest, **dot_meta(dtype),
     )  # fmt: skip
 
 
@@ -699,7 +691,7 @@ def linear_logprobs_bwd(
                 HAS_BIAS=bias is not None, HAS_GRAD_LOGP=grad_logp is not None,
                 HAS_GRAD_ENTROPY=grad_entropy is not None,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, GROUP=group, **_dot_meta(weight.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, GROUP=group, **dot_meta(weight.dtype),
             )  # fmt: skip
             g = grad_block[:, :width]
             if need_h and d > 0:

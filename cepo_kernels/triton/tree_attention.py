@@ -32,11 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from cepo_kernels import configs
 from cepo_kernels._dispatch import triton_interpreting
 from cepo_kernels.reference.tree_attention import MAX_DEPTH, TreeLayout
+from cepo_kernels.triton._launch import dot_meta
+from cepo_kernels.triton._online_softmax import LOG2E
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 assert MAX_DEPTH == 4, "the kernels test exactly four ancestor levels (anc0..anc3)"
 
 
@@ -48,8 +49,6 @@ def launch_config(kind: str, head_dim: int) -> tuple[int, int, dict]:
     dim, from the active kernel configuration (``cepo_kernels/configs.py``; v1: 64 x 64 at every
     head dim). Under the interpreter the tiles are a quarter of the GPU's (at least 16), so the
     CPU tests still see the configuration's shape (e.g. v2's 128 x 64 forward as 32 x 16)."""
-    from cepo_kernels import configs
-
     table = configs.get("tree_attention")[kind]
     key = 64 if head_dim <= 64 else 128
     bm, bn, warps, stages = table[key]
@@ -443,17 +442,6 @@ def _tree_attn_bwd_dq_kernel(
     )
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get full fp32 products (not tf32): the fp32 path is the accuracy path. 16-bit
-    inputs keep Triton's default (the flag only concerns fp32 operands; tensor cores either way)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    """The Triton interpreter (3.9) computes bf16 ``tl.dot`` wrongly; upcast there only."""
-    return triton_interpreting() and dtype == torch.bfloat16
-
-
 def _check_head_dim(D: int) -> None:
     if D > MAX_HEAD_DIM:
         raise ValueError(
@@ -492,7 +480,7 @@ def tree_attention_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         layout.anc.stride(0), layout.anc.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **options,
+        **dot_meta(q.dtype), **options,
     )  # fmt: skip
     return out, lse
 
@@ -519,9 +507,7 @@ def tree_attention_bwd(
     grad_out = _check_last_stride("grad_out", grad_out)
     out = _check_last_stride("out", out)
     block_d = max(16, triton.next_power_of_2(D))
-    from cepo_kernels import configs
-
-    if configs.active_name() == "v1" or T == 0 or batch * heads == 0:
+    if not configs.get("tree_attention")["delta_kernel"] or T == 0 or batch * heads == 0:
         delta = (grad_out.float() * out.float()).sum(-1)
         if grad_lse is not None:
             delta = delta - grad_lse.float()
@@ -551,9 +537,7 @@ def tree_attention_bwd(
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         layout.anc.stride(0), layout.anc.stride(1),
     )  # fmt: skip
-    meta = dict(
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype)
-    )
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **dot_meta(q.dtype))
     _tree_attn_bwd_dkdv_kernel[(nk, batch * hk)](
         q, k, v, grad_out, lse, delta, dk, dv, layout.seg, layout.depth, layout.anc, k2q_idx, k2q_full, k2q_cnt,
         T, heads, hk, group, D, nk, k2q_idx.shape[2], scale, *common_strides, **meta, **options,

@@ -1,7 +1,7 @@
-"""The named kernel configurations (``cepo_kernels/configs.py``, ``CEPO_KERNEL_CONFIG``): the v2
-kernels of issue 11 (log2-domain lane-wise row kernels, per-head-dim tree-attention tiles with a
-Delta kernel, the grouped LM-head launch order with a fixed backward vocabulary chunk) against
-float64 under the interpreter, as the v1 kernels are in the op's own test file."""
+"""The named kernel configurations (``cepo_kernels/configs.py``, chosen with ``configs.use``): the
+v2 switches of each kernel (log2-domain lane-wise row kernels, per-head-dim tree-attention tiles
+with a Delta kernel, the grouped LM-head launch order with a fixed backward vocabulary chunk) and
+v1 against float64 under the interpreter (or on the GPU)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,27 @@ from tests.kernels.helpers import device_for, reference_logprobs64
 
 
 @pytest.fixture(params=["v1", "v2"])
-def config(request, monkeypatch):
-    monkeypatch.setenv(configs.ENV, request.param)
-    return request.param
+def config(request):
+    with configs.use(request.param):
+        yield request.param
 
 
-def test_unknown_configuration_is_an_error(monkeypatch):
-    monkeypatch.setenv(configs.ENV, "v9")
-    with pytest.raises(ValueError, match="CEPO_KERNEL_CONFIG"):
-        configs.get("token_logprobs")
+def test_unknown_configuration_is_an_error():
+    with pytest.raises(ValueError, match="kernel config: expected one of \\['v1', 'v2'\\], got 'v9'"):
+        with configs.use("v9"):
+            pass
+    with pytest.raises(ValueError, match="kernel config"):
+        configs.get("token_logprobs", "v9")
+    assert configs.active_name() == configs.DEFAULT == "v1"
+
+
+def test_use_restores_the_previous_configuration():
+    with configs.use("v2"):
+        assert configs.get("token_logprobs")["log2"] and configs.active_name() == "v2"
+        with configs.use("v1"):
+            assert not configs.get("token_logprobs")["log2"]
+        assert configs.active_name() == "v2"
+    assert configs.active_name() == "v1"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -144,16 +156,16 @@ def test_configs_name_every_knob_in_both():
     assert math.isfinite(len(configs.CONFIGS))
 
 
-def test_auto_follows_a_measured_backend_order(monkeypatch):
-    """``cepo_kernels/measured_order.json`` (from a GPU benchmark) reorders auto's candidates for
-    the card; an entry that does not name the op's own backends is ignored."""
+def test_auto_order_is_static_and_a_gpu_run_prints_the_measured_one():
+    """``auto`` follows each op's ``ORDER`` in code (no file is read on the dispatch path); a GPU
+    benchmark run computes the measured order per card for a reviewer to put into ``ORDER``."""
     from bench.results_jsonl import measured_order as from_rows
     from cepo_kernels import _dispatch
+    from cepo_kernels.token_logprobs import ORDER
 
-    monkeypatch.setitem(_dispatch._cache, "measured", {"token_logprobs": ["cuda", "triton", "torch"],
-                                                       "contrastive_logprobs": ["cuda", "torch"]})  # fmt: skip
-    assert _dispatch.measured_order("token_logprobs", ("triton", "cuda", "torch")) == ("cuda", "triton", "torch")
-    assert _dispatch.measured_order("contrastive_logprobs", ("triton", "cuda", "torch")) == ("triton", "cuda", "torch")
+    x = torch.zeros(2, 5)
+    assert _dispatch.resolve("token_logprobs", "auto", ORDER, [x]) == "torch"
+    assert not hasattr(_dispatch, "measured_order")
     rows = [{"machine": "H", "case": c, "impl": b, "config": "v1", "median_ms": t}
             for c, b, t in [("token_logprobs_fwd", "triton", 1.0), ("token_logprobs_fwd", "cuda", 0.8),
                             ("token_logprobs_bwd", "triton", 2.0), ("token_logprobs_bwd", "cuda", 2.1),

@@ -1,6 +1,6 @@
 """No host syncs on the hot path: ``validate=`` (on by default for CPU tensors only) and the
-device-side handling of bad targets without it; ``torch.compile(fullgraph=True)`` of a function
-calling every public op (CPU, torch backend, forward and backward)."""
+device-side handling of bad targets without it. (``torch.compile(fullgraph=True)`` of every
+public op, each as the first call of a fresh process: ``test_torch_compile.py``.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import cepo_kernels as ck
-from cepo_kernels.tree_attention import tree_layout
 
 
 def _inputs(seed=0, b=2, t=5, v=37, d=8):
@@ -75,37 +74,3 @@ def test_contrastive_validate_off_marks_bad_targets(op):
         assert torch.equal(got, exp), name
     # a bad target where the mask does not count is not an error at all
     fn(*streams, bad, adv, lam=0.5, eps_w=0.2, mask=mask2)
-
-
-def test_public_ops_compile_with_fullgraph():
-    """Every public op inside one ``torch.compile(fullgraph=True)`` function (no graph break, no
-    host sync), forward and backward, equal to eager."""
-    logits, hidden, weight, targets, adv = _inputs(3)
-    mask = (torch.arange(5) < 4).expand(2, 5).float()  # a float mask, as TRL passes it
-    layout = tree_layout(torch.tensor([[0, 3, 7]]), torch.tensor([[3, 4, 1]]), torch.tensor([[-1, 0, 0]]), 9)
-    g = torch.Generator().manual_seed(4)
-    q = torch.randn(1, 4, 9, 8, generator=g)
-    k, v = torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)
-    leaves = [t.clone().requires_grad_() for t in (logits[0], hidden[0], weight, q, k, v)]
-
-    def step(x, h, w, q_, k_, v_):
-        lp, ent = ck.token_logprobs(x, targets, return_entropy=True)
-        lin = ck.linear_token_logprobs(h, w, targets, temperature=0.9)
-        con = ck.contrastive_logprobs(x.detach(), logits[1], logits[2], targets, adv, lam=0.5, eps_w=0.2, mask=mask)
-        lcon = ck.linear_contrastive_logprobs(*hidden, w.detach(), targets, adv, lam=0.5, eps_w=0.2, mask=mask)
-        a_t = ck.contrastive_advantage(adv, con.pos, con.neg, lam=0.5, eps_w=0.2, mask=mask)
-        grp = ck.group_advantages(adv.repeat(2), group_size=2)
-        o, lse = ck.tree_attention(q_, k_, v_, layout)
-        o2, _ = ck.tree_attention(q_, k_, v_, layout, need_lse=False)
-        lse0 = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        loss = (lp * a_t).sum() + ent.sum() + lin.sum() + o.sum() + lse0.sum() + (o2 * o2).sum()
-        return loss, lcon.advantages.sum() + grp.sum() + con.weights.sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = compiled(*leaves)
-    got_grads = torch.autograd.grad(got[0], leaves)
-    want = step(*leaves)
-    want_grads = torch.autograd.grad(want[0], leaves)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cepo_kernels as ck
+from cepo_kernels import configs
 from cepo_kernels.reference import token_logprobs as ref_mod
 from tests.kernels.helpers import (
     DTYPE_IDS,
@@ -283,19 +284,19 @@ def test_token_logprobs_triton_reads_sliced_logits_in_place(config, monkeypatch)
     copy; log-probs, entropy and the gradient equal those of a contiguous copy bit for bit."""
     from cepo_kernels.triton import token_logprobs as tri
 
-    monkeypatch.setenv("CEPO_KERNEL_CONFIG", config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(0)
-    full = (torch.randn(3, 6, 300, generator=g) * 3).to(device).requires_grad_()
-    targets = torch.randint(0, 300, (3, 5), generator=g).to(device)
-    seen = []
-    real = tri.token_logprobs_fwd
-    monkeypatch.setattr(tri, "token_logprobs_fwd", lambda x, *a: seen.append(x.dim()) or real(x, *a))
-    lp, ent = ck.token_logprobs(full[:, :-1], targets, return_entropy=True, backend="triton")
-    assert seen == [3]
-    (gx,) = torch.autograd.grad((lp * 1.5 + ent).sum(), full)
-    copy = full.detach()[:, :-1].contiguous().requires_grad_()
-    lp2, ent2 = ck.token_logprobs(copy, targets, return_entropy=True, backend="triton")
-    (gc,) = torch.autograd.grad((lp2 * 1.5 + ent2).sum(), copy)
-    assert torch.equal(lp, lp2) and torch.equal(ent, ent2)
-    assert torch.equal(gx[:, :-1], gc) and bool((gx[:, -1] == 0).all())
+    with configs.use(config):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        g = torch.Generator().manual_seed(0)
+        full = (torch.randn(3, 6, 300, generator=g) * 3).to(device).requires_grad_()
+        targets = torch.randint(0, 300, (3, 5), generator=g).to(device)
+        seen = []
+        real = tri.token_logprobs_fwd
+        monkeypatch.setattr(tri, "token_logprobs_fwd", lambda x, *a: seen.append(x.dim()) or real(x, *a))
+        lp, ent = ck.token_logprobs(full[:, :-1], targets, return_entropy=True, backend="triton")
+        assert seen == [3]
+        (gx,) = torch.autograd.grad((lp * 1.5 + ent).sum(), full)
+        copy = full.detach()[:, :-1].contiguous().requires_grad_()
+        lp2, ent2 = ck.token_logprobs(copy, targets, return_entropy=True, backend="triton")
+        (gc,) = torch.autograd.grad((lp2 * 1.5 + ent2).sum(), copy)
+        assert torch.equal(lp, lp2) and torch.equal(ent, ent2)
+        assert torch.equal(gx[:, :-1], gc) and bool((gx[:, -1] == 0).all())

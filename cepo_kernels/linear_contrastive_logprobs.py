@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from cepo_kernels import _dispatch, _validate
+from cepo_kernels import _autocast, _dispatch, _validate
 from cepo_kernels.contrastive_logprobs import (
     ContrastiveLogprobs,
     check_contrastive_options,
@@ -54,7 +54,9 @@ def linear_contrastive_logprobs(
     """Log-probs of ``targets`` under three contexts and the CEPO advantages, from hidden states.
 
     The same result as ``contrastive_logprobs`` applied to the three logits tensors
-    ``hidden @ weight.T + bias`` (computed here with an fp32 accumulator, never stored).
+    ``hidden @ weight.T + bias`` (computed here with an fp32 accumulator, never stored). Inside
+    ``torch.autocast`` the float inputs are first cast to the autocast dtype, as in
+    ``linear_token_logprobs``.
 
     Args:
         policy_hidden: ``(..., T, D)`` final hidden states of ``[prompt, y]`` at the response
@@ -85,6 +87,9 @@ def linear_contrastive_logprobs(
         advantage 0. Each stream's log-probs are bit-identical to ``linear_token_logprobs`` of
         that stream on the same backend (same tiles, same reduction order).
     """
+    policy_hidden, pos_hidden, neg_hidden, weight, bias = _autocast.cast_inputs(
+        policy_hidden, pos_hidden, neg_hidden, weight, bias
+    )
     lam, eps_w, temperature, mask = check_contrastive_options(targets, advantages, mask, lam, eps_w, temperature)
     token_shape = tuple(targets.shape)
     streams = {"policy_hidden": policy_hidden, "pos_hidden": pos_hidden, "neg_hidden": neg_hidden}
@@ -111,10 +116,11 @@ def linear_contrastive_logprobs(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     b = None if bias is None else bias.contiguous()
     forward = _forward_impl(chosen)
-    outs = forward(
-        flat(policy_hidden), flat(pos_hidden), flat(neg_hidden), w, b, flat_targets, a_tok, sign, keep,
-        lam, eps_w, temperature, int(ignore_index),
-    )  # fmt: skip
+    with _autocast.disabled(weight.device.type):
+        outs = forward(
+            flat(policy_hidden), flat(pos_hidden), flat(neg_hidden), w, b, flat_targets, a_tok, sign, keep,
+            lam, eps_w, temperature, int(ignore_index),
+        )  # fmt: skip
     outs = [o.view(token_shape) if o is not None else None for o in outs]
     for i in range(3):  # the log-prob streams; weights and advantages already treat bad as masked
         outs[i] = _validate.mark_bad(outs[i], bad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from cepo_kernels import _dispatch, _validate
+from cepo_kernels import _autocast, _dispatch, _validate
 from cepo_kernels.reference import linear_logprobs as ref
 
 OP = "linear_token_logprobs"
@@ -58,12 +58,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     """Autograd over ``hidden (N, D)``, ``weight (V, D)`` and ``bias (V,)``; the backend chosen
-    for the forward also runs the backward, which recomputes the logits block by block."""
+    for the forward also runs the backward, which recomputes the logits block by block. Both run
+    with autocast off (the front door casts the inputs once, see ``cepo_kernels/_autocast.py``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy, backend):
         fwd, _ = _impl(backend)
-        logp, entropy, lse = fwd(hidden, weight, bias, targets, temperature, ignore_index, want_entropy)
+        with _autocast.disabled(hidden.device.type):
+            logp, entropy, lse = fwd(hidden, weight, bias, targets, temperature, ignore_index, want_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if want_entropy else None)
         ctx.cfg = (temperature, ignore_index, backend)
         ctx.set_materialize_grads(False)
@@ -80,12 +82,13 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         if (grad_logp is None and grad_entropy is None) or not any(needs):
             return None, None, None, None, None, None, None, None
         _, bwd = _impl(backend)
-        dh, dw, db = bwd(
-            hidden, weight, bias, targets, lse, entropy,
-            grad_logp.contiguous() if grad_logp is not None else None,
-            grad_entropy.contiguous() if grad_entropy is not None else None,
-            temperature, ignore_index, needs,
-        )  # fmt: skip
+        with _autocast.disabled(hidden.device.type):  # backward() may be called inside autocast
+            dh, dw, db = bwd(
+                hidden, weight, bias, targets, lse, entropy,
+                grad_logp.contiguous() if grad_logp is not None else None,
+                grad_entropy.contiguous() if grad_entropy is not None else None,
+                temperature, ignore_index, needs,
+            )  # fmt: skip
         return dh, dw, db, None, None, None, None, None
 
 
@@ -131,6 +134,11 @@ def linear_token_logprobs(
         where ``G = (g * (onehot(y) - p) - e * p * (z - (lse - H))) / T`` and ``g``, ``e`` are the
         upstream gradients of ``logp`` and ``H``.
 
+    Autocast: inside ``torch.autocast`` the float inputs (not float64) are first cast to the
+    autocast dtype, as ``F.linear`` would cast them, and the forward and the backward both run on
+    those rounded copies with autocast off; gradients of fp32 leaves are the gradients of their
+    rounded copies (cast back by autograd). Forward and backward always agree.
+
     Determinism: fixed block sizes and a fixed reduction order on both backends, so a row's
     log-prob is bit-identical whatever ``N`` is, whichever rows share the batch, and however
     often it runs (old-policy and update log-probs agree exactly on-policy).
@@ -138,6 +146,7 @@ def linear_token_logprobs(
     Memory: no ``(N, V)`` tensor is allocated in the forward; the triton backward keeps one
     ``(N, V_chunk)`` block of logits gradients at a time (``V_chunk`` sized to a fixed budget).
     """
+    hidden, weight, bias = _autocast.cast_inputs(hidden, weight, bias)
     vocab = check_head("hidden", hidden, weight, bias)
     _validate.check_int("targets", targets)
     _validate.check_shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")

@@ -52,6 +52,37 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def check_targets_shape(targets: torch.Tensor, logits: torch.Tensor) -> None:
+    """``targets`` must be ``logits.shape[:-1]`` (one id per row); ``(..., K)`` is handled before."""
+    lead = tuple(logits.shape[:-1])
+    if tuple(targets.shape) != lead:
+        hint = (
+            f"; one id per row in another shape: pass targets.reshape({lead})"
+            if targets.numel() == logits.shape[:-1].numel()
+            else ""
+        )
+        raise ValueError(
+            f"targets: expected shape {lead} (logits.shape[:-1]) or {lead + ('K',)} (K ids per row), "
+            f"got {tuple(targets.shape)}{hint}"
+        )
+
+
+def _k_columns(logits, targets, temperature, ignore_index, return_entropy, backend, validate):
+    """``targets (..., K)``: the log-probs of K ids per row of ``logits (..., V)``, shape ``(..., K)``.
+    K = 1 is a squeeze; K > 1 runs the op on a ``(N, K, V)`` view that repeats each row (stride 0;
+    the triton backend reads it in place, the others copy it)."""
+    k = targets.shape[-1]
+    kw = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
+              validate=validate)  # fmt: skip
+    if k == 1:
+        out = token_logprobs(logits, targets[..., 0], **kw)
+        return tuple(o.unsqueeze(-1) for o in out) if return_entropy else out.unsqueeze(-1)
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    out = token_logprobs(rows.unsqueeze(1).expand(rows.shape[0], k, vocab), targets.reshape(-1, k), **kw)
+    return tuple(o.view(targets.shape) for o in out) if return_entropy else out.view(targets.shape)
+
+
 def _viewable_2d(x: torch.Tensor) -> bool:
     """Whether ``x (B, T, V)`` flattens to ``(B T, V)`` with one row stride (no copy)."""
     return x.shape[0] <= 1 or x.shape[1] <= 1 or x.stride(0) == x.shape[1] * x.stride(1)
@@ -72,7 +103,12 @@ def token_logprobs(
     Args:
         logits: ``(..., V)`` float16/bfloat16/float32 (float64 on the torch backend). ``-inf``
             entries are legal (a masked vocabulary); ``+inf`` and NaN are not.
-        targets: ``(...)`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        targets: ``(...)`` integer token ids in ``[0, V)``, or ``ignore_index``: one per row of
+            logits. Or ``(..., K)``: K ids per row (TRL's ``index`` of shape ``(..., K)``; K = 1
+            costs nothing extra; K > 1 reads each row K times, and its backward holds a
+            ``(..., K, V)`` gradient before summing it). Labels of another shape with one id per
+            row (verl passes ``(1, N)`` with ``(N, V)`` logits) are an error: reshape them to
+            ``logits.shape[:-1]`` first.
         temperature: finite, > 0; the logits are divided by it before the softmax.
         ignore_index: targets equal to it give log-prob 0, entropy 0 and zero gradient.
         return_entropy: also return ``H = -sum_j p_j log p_j`` of the same distribution.
@@ -83,7 +119,7 @@ def token_logprobs(
             (and entropy) with zero gradient instead of an error.
 
     Returns:
-        ``logp`` of shape ``(...)``, float32 (float64 for float64 logits), and ``entropy`` of
+        ``logp`` of the targets' shape, float32 (float64 for float64 logits), and ``entropy`` of
         the same shape and dtype if ``return_entropy``. A target whose logit is ``-inf`` gets
         ``-inf``. Differentiable with respect to ``logits`` through both outputs:
         ``dlogp/dz_j = 1[j == y] - p_j``, ``dH/dz_j = -p_j (z_j - sum_k p_k z_k)``, ``z = logits / T``.
@@ -92,7 +128,9 @@ def token_logprobs(
     """
     _validate.check_float("logits", logits, min_dim=1)
     _validate.check_int("targets", targets)
-    _validate.check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    if targets.dim() == logits.dim() and targets.shape[:-1] == logits.shape[:-1]:
+        return _k_columns(logits, targets, temperature, ignore_index, return_entropy, backend, validate)
+    check_targets_shape(targets, logits)
     _validate.check_same_device(logits=logits, targets=targets)
     temperature = _validate.check_temperature(temperature)
     vocab = logits.shape[-1]

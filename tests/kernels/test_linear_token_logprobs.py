@@ -444,6 +444,71 @@ def test_linear_token_logprobs_rejects_bad_input(case):
         linear_token_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"], **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# torch.autocast (bf16 mixed precision as accelerate / TRL / Lightning run it). CPU autocast here;
+# the op treats every device type the same way (cepo_kernels/_autocast.py).
+
+
+def autocast_case(backend):
+    device = device_for(backend)
+    hidden, weight, bias, targets = make_case(7, 40, 300, torch.float32, device, seed=21)
+    return device, hidden, weight, bias, targets, torch.linspace(-1, 1, 7, device=device)
+
+
+def what_autocast_computes64(hidden, weight, bias, targets, up):
+    """float64 log-probs of the bf16-rounded inputs (what the forward under autocast computes)
+    and the gradients of ``sum(up * logp)`` with respect to those rounded inputs."""
+    h64, w64, b64 = leaves64(*(t.to(torch.bfloat16) for t in (hidden, weight, bias)))
+    lp64, _ = reference64(h64, w64, targets, 1.0, b64)
+    (lp64 * up.double()).sum().backward()
+    return lp64.detach(), h64.grad, w64.grad, b64.grad
+
+
+@pytest.mark.parametrize("backward_inside", [True, False], ids=["backward-inside", "backward-outside"])
+@pytest.mark.parametrize("backend", backends())
+def test_linear_token_logprobs_under_autocast_forward_and_backward_agree(backend, backward_inside):
+    device, hidden, weight, bias, targets, up = autocast_case(backend)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        lp = linear_token_logprobs(h, w, targets, bias=b, backend=backend)
+        if backward_inside:
+            (lp * up).sum().backward()
+    if not backward_inside:
+        (lp * up).sum().backward()
+    want_lp, dh64, dw64, db64 = what_autocast_computes64(hidden, weight, bias, targets, up)
+    assert lp.dtype == torch.float32
+    assert_logp_close(lp, want_lp, torch.bfloat16, "logp under autocast")
+    keep = targets != -100
+    assert h.grad.dtype == w.grad.dtype == torch.float32  # fp32 leaves get fp32 gradients
+    assert_grad_close(h.grad[keep], dh64[keep], torch.bfloat16, "d hidden under autocast")
+    assert_grad_close(w.grad, dw64, torch.bfloat16, "d weight under autocast")
+    assert_grad_close(b.grad, db64, torch.bfloat16, "d bias under autocast")
+    # exactly the op on bf16 copies, outside autocast
+    hb, wb, bb = (t.detach().to(torch.bfloat16).requires_grad_() for t in (hidden, weight, bias))
+    lp_b = linear_token_logprobs(hb, wb, targets, bias=bb, backend=backend)
+    (lp_b * up).sum().backward()
+    assert torch.equal(lp, lp_b)
+    assert torch.equal(h.grad, hb.grad.float()) and torch.equal(w.grad, wb.grad.float())
+
+
+def test_linear_contrastive_logprobs_under_autocast_is_the_op_on_cast_inputs():
+    from cepo_kernels.linear_contrastive_logprobs import linear_contrastive_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    streams = [torch.randn(2, 4, 24, generator=g) for _ in range(3)]
+    weight, targets, adv = (
+        torch.randn(50, 24, generator=g) / 5,
+        torch.randint(0, 50, (2, 4), generator=g),
+        torch.randn(2),
+    )
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = linear_contrastive_logprobs(*streams, weight, targets, adv, lam=0.5, eps_w=0.2, backend="torch")
+    want = linear_contrastive_logprobs(*(s.bfloat16() for s in streams), weight.bfloat16(), targets, adv, lam=0.5,
+                                       eps_w=0.2, backend="torch")  # fmt: skip
+    for name, a, b in zip(got._fields, got, want):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.gpu
 def test_linear_token_logprobs_real_shape_on_gpu():
     """D = 2048, V = 151936 (V x D > 2^31 bytes offsets in the weight), bf16, on the GPU:

@@ -300,3 +300,57 @@ def test_token_logprobs_triton_reads_sliced_logits_in_place(config, monkeypatch)
         (gc,) = torch.autograd.grad((lp2 * 1.5 + ent2).sum(), copy)
         assert torch.equal(lp, lp2) and torch.equal(ent, ent2)
         assert torch.equal(gx[:, :-1], gc) and bool((gx[:, -1] == 0).all())
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_token_logprobs_under_autocast_equals_outside(backend):
+    """No matmul inside: ``torch.autocast`` changes nothing, forward or backward (called inside)."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(3, 4, 300, generator=g) * 3).to(device)
+    targets = torch.randint(0, 300, (3, 4), generator=g).to(device)
+    outs = []
+    for enabled in (True, False):
+        x = logits.clone().requires_grad_()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled):
+            lp, ent = ck.token_logprobs(x, targets, return_entropy=True, backend=backend)
+            (lp * 1.5 + ent).sum().backward()
+        outs.append((lp, ent, x.grad))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("backend", backends())
+def test_token_logprobs_k_ids_per_row_match_float64(backend, k):
+    """``targets (..., K)`` (TRL's ``index`` of shape ``(..., K)``): K log-probs per row, equal to
+    the float64 ``log_softmax(...).gather(-1, index)``, forward, entropy and gradient."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(30 + k)
+    logits = (torch.randn(2, 3, 257, generator=g) * 3).to(device)
+    index = torch.randint(0, 257, (2, 3, k), generator=g).to(device)
+    index[0, 1, 0] = -100  # ignored
+    x = logits.clone().requires_grad_()
+    lp, ent = ck.token_logprobs(x, index, temperature=0.8, return_entropy=True, backend=backend)
+    assert lp.shape == ent.shape == (2, 3, k)
+    x64 = logits.double().cpu().requires_grad_()
+    ls = torch.log_softmax(x64 / 0.8, -1)
+    keep = index.cpu() != -100
+    want = torch.where(keep, ls.gather(-1, torch.where(keep, index.cpu(), 0)), 0.0)
+    want_ent = torch.where(keep, -(ls.exp() * ls).sum(-1, keepdim=True), 0.0)
+    assert_close(lp, want, LOGP_ATOL, LOGP_RTOL, "logp")
+    assert_close(ent, want_ent, LOGP_ATOL, LOGP_RTOL, "entropy")
+    up = torch.randn(2, 3, k, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad((lp * up.to(device)).sum(), x)
+    (gw,) = torch.autograd.grad((want * up).sum(), x64)
+    assert_close(gx, gw, 1e-6, 1e-5, "d logits")
+
+
+def test_token_logprobs_flat_labels_of_another_shape_say_how_to_reshape():
+    """verl passes labels ``(1, N)`` with logits ``(N, V)``: a clear error naming the reshape."""
+    logits, labels = torch.randn(6, 11), torch.randint(0, 11, (1, 6))
+    with pytest.raises(
+        ValueError, match=r"got \(1, 6\); one id per row in another shape: pass targets.reshape\(\(6,\)\)"
+    ):
+        ck.token_logprobs(logits, labels)
+    assert torch.equal(ck.token_logprobs(logits, labels.reshape(6)), ck.token_logprobs(logits, labels[0]))

@@ -1,4 +1,4 @@
-"""GRPO and CEPO steps, packed (``optim.packing=true``) and padded (``false``), time per phase.
+"""GRPO and CEPO steps, packed (``scoring.packing=true``) and padded (``false``), time per phase.
 
 ``python -m bench.bench_trainer_step --shape tiny [--out DIR]`` runs the embedded default on the
 CPU: the demo's warm-started 0.8M-parameter Qwen3, its data and ``configs/demo.yaml`` (32 prompts x 8
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = base + [
                 f"output_dir={os.path.join(work, f'{algo}-{packing}')}",
                 f"algorithm.name={algo}",
-                f"optim.packing={packing}",
+                f"scoring.packing={packing}",
                 "progress_bar=false",
                 f"steps={1 + args.repeats}",
                 "save_every=0",

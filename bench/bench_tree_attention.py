@@ -154,8 +154,12 @@ def qwen3_model(quick: bool):
 
 def bench_group_pass(model, prompt: int, G: int, answer: int, response: int, out_dir):
     from cepo import hf_attention
-    from cepo.experience import default_logprob_fn, group_logprobs
+    from cepo.advantages import Negative
+    from cepo.config import DataConfig, ModelConfig, TrainConfig
+    from cepo.experience import Rollouts
     from cepo.packing import CONTEXTS, Group, unshared_sequences
+    from cepo.scoring import PackedPasses, TeacherContexts
+    from cepo_kernels.linear_token_logprobs import linear_token_logprobs
 
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
@@ -164,7 +168,7 @@ def bench_group_pass(model, prompt: int, G: int, answer: int, response: int, out
         return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
     group = Group(toks(prompt), [toks(response) for _ in range(G)], toks(answer), toks(answer))
-    fn = default_logprob_fn()
+    fn = linear_token_logprobs
     weight = model.get_output_embeddings().weight
 
     def use(impl):  # one model, its attention switched between the phases (outside the timings)
@@ -200,15 +204,23 @@ def bench_group_pass(model, prompt: int, G: int, answer: int, response: int, out
                 del logits
         return out
 
+    # the trainer's own packed experience pass: one forward, one three-stream LM-head call
+    cfg = TrainConfig(model=ModelConfig(path="-"), data=DataConfig(train_file="-"))
+    cfg.rollout.group_size, cfg.optim.micro_batch_size = G, G
+    passes = PackedPasses(cfg, pad_id=0, device="cuda")
+    rollouts = Rollouts([group.prompt], [list(r) for r in group.responses], [""] * G, [""], [""], G)
+    teachers = TeacherContexts([Negative.R_MINUS], [group.pos_answer], [group.neg_answer])
+    seq_adv = torch.linspace(-1.0, 1.0, G)
+
     def packed():
-        return group_logprobs(model, [group], groups_per_micro_batch=1, pad_to_multiple=64)
+        return passes.score(model, rollouts, seq_adv, 1.0, teachers)
 
     use("sdpa")
     want = plain()
     use("tree")
     got = packed()
     for c in CONTEXTS:
-        diff = (getattr(got, c)[:, :response] - want[c]).abs()
+        diff = (getattr(got, c)[:, :response].to(want[c].device) - want[c]).abs()
         # bf16 model: the two paths round differently; require close on average, bounded at worst
         if diff.mean().item() > 5e-2 or diff.max().item() > 1.0:
             raise AssertionError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -66,6 +67,54 @@ class NegativeChoice:
     index: int | None  # rollout index within the batch, None when no r- is used
     answer: str | None  # the extracted r- answer
     reason: str  # "ok", "no_rejected" or "no_answer"
+
+
+class Negative(str, Enum):
+    """Which context is a group's negative (the ``neg`` stream of its responses)."""
+
+    R_MINUS = "r-"  # [prompt, teacher_template(r-)]: CEPO
+    POLICY = "policy"  # the old policy itself: RLSD, and CEPO's fallback
+    R_PLUS = "r+"  # the positive context itself: delta = 0, A_t = A (CEPO with no_rejected="grpo")
+
+
+def negative_contexts(
+    algorithm: str, choices: list[NegativeChoice] | None, n_groups: int, no_rejected: str
+) -> list[Negative]:
+    """The negative of each of ``n_groups`` groups, decided once: RLSD's is always the policy;
+    CEPO's is ``r-`` where :func:`select_negatives` found one, else the fallback of the module
+    docstring (``no_rejected`` for groups without a rejected rollout, the policy for groups whose
+    rejected rollouts have no extractable answer)."""
+    if algorithm == "rlsd":
+        return [Negative.POLICY] * n_groups
+    if algorithm != "cepo":
+        raise ValueError(f"algorithm: teacher contexts exist for 'rlsd' and 'cepo', not {algorithm!r}")
+    if choices is None or len(choices) != n_groups:
+        raise ValueError(f"choices: expected one NegativeChoice per group ({n_groups})")
+    out = []
+    for c in choices:
+        if c.reason == "ok" and c.answer is not None:
+            out.append(Negative.R_MINUS)
+        elif c.reason == "no_rejected" and no_rejected == "grpo":
+            out.append(Negative.R_PLUS)
+        else:
+            out.append(Negative.POLICY)
+    return out
+
+
+def choose_negatives(
+    algorithm_cfg, lam: float, rewards: list[float], texts: list[str], group_size: int
+) -> tuple[list[Negative] | None, list[NegativeChoice] | None]:
+    """Per group, ``(negatives, choices)`` as a step of ``cepo train`` decides them: ``(None, None)``
+    when no teacher pass runs (GRPO or ``lam == 0``); RLSD ``([POLICY, ...], None)``; CEPO the
+    :func:`select_negatives` choices and :func:`negative_contexts` of them."""
+    name = algorithm_cfg.name
+    if lam <= 0 or name == "grpo":
+        return None, None
+    n_groups = len(rewards) // group_size
+    choices = None
+    if name == "cepo":
+        choices = select_negatives(rewards, texts, group_size, algorithm_cfg.reject_threshold)
+    return negative_contexts(name, choices, n_groups, algorithm_cfg.no_rejected), choices
 
 
 def select_negatives(

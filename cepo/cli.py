@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     if args.command == "train":
         from cepo.config import load_config
-        from cepo.errors import check_train_paths
+        from cepo.paths import check_train_paths
 
         check_train_paths(load_config(args.config, args.overrides))
         from cepo.train import run_from_config

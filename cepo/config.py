@@ -94,10 +94,13 @@ class OptimConfig:
     dual_clip: float | None = None  # e.g. 3.0: bound the loss of negative advantages
     loss_agg: str = "token_mean"  # "token_mean" (global over the mini-batch) or "seq_mean"
     kl_coef: float = 0.0  # KL to the reference model (k3 estimator); 0 loads no reference
-    logprob_backend: str = "auto"  # cepo_kernels backend for token log-probs
-    fused_head: bool = False  # log-probs from hidden states (linear_token_logprobs): no B x R x V logits
+
+
+@dataclass
+class ScoringConfig:
     packing: str = "auto"  # shared-prefix packed passes: "auto" (where supported), "true", "false" (padded)
-    micro_batch_tokens: int = 0  # packed micro-batch budget in tokens; 0: micro_batch_size // G groups
+    kernel_backend: str = "auto"  # cepo_kernels backend: auto, torch, triton, cuda (cuda: padded logits path only)
+    micro_batch_tokens: int = 0  # packed micro-batch budget in tokens; 0: optim.micro_batch_size // G groups
 
 
 @dataclass
@@ -115,6 +118,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     output_dir: str = "runs/cepo"  # checkpoints, metrics.jsonl, final model
     steps: int = 100  # RL steps (rollout batches)
@@ -162,16 +166,16 @@ def validate(cfg: TrainConfig) -> None:
     _choice("algorithm.lam_schedule", cfg.algorithm.lam_schedule, ("linear", "cosine", "constant"))
     _choice("algorithm.no_rejected", cfg.algorithm.no_rejected, ("rlsd", "grpo"))
     _choice("optim.loss_agg", cfg.optim.loss_agg, ("token_mean", "seq_mean"))
-    cfg.optim.packing = str(cfg.optim.packing).lower()  # YAML reads `true` as a boolean
-    _choice("optim.packing", cfg.optim.packing, ("auto", "true", "false"))
-    _choice("optim.logprob_backend", cfg.optim.logprob_backend, ("auto", "torch", "triton", "cuda"))
+    cfg.scoring.packing = str(cfg.scoring.packing).lower()  # YAML reads `true` as a boolean
+    _choice("scoring.packing", cfg.scoring.packing, ("auto", "true", "false"))
+    _choice("scoring.kernel_backend", cfg.scoring.kernel_backend, ("auto", "torch", "triton", "cuda"))
+    if cfg.scoring.kernel_backend == "cuda" and cfg.scoring.packing == "true":
+        raise ValueError(
+            "scoring.kernel_backend=cuda: the CUDA extension has the logits ops only, and the packed passes use "
+            "the hidden-state ops; use scoring.packing=false or kernel_backend auto/torch/triton"
+        )
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {cfg.engine.zero_stage!r}")
-    if cfg.optim.fused_head and cfg.engine.zero_stage == 3:
-        raise ValueError(
-            "optim.fused_head: not supported with engine.zero_stage=3 (the LM-head weight is partitioned "
-            "outside the model's forward); use zero_stage <= 2 or fused_head=false"
-        )
     for name in (
         "rollout.prompts_per_step",
         "rollout.group_size",
@@ -197,7 +201,7 @@ def validate(cfg: TrainConfig) -> None:
         "optim.clip_high",
         "optim.weight_decay",
         "optim.grad_clip",
-        "optim.micro_batch_tokens",
+        "scoring.micro_batch_tokens",
     ):
         section, _, key = name.rpartition(".")
         _positive(name, getattr(getattr(cfg, section) if section else cfg, key), zero_ok=True)
@@ -217,6 +221,15 @@ def validate(cfg: TrainConfig) -> None:
     _positive("log_samples_groups", cfg.log_samples_groups)
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas: expected two numbers, got {cfg.optim.betas!r}")
+
+
+# Keys that older configs may still carry, and where they went.
+MOVED_KEYS = {
+    "optim.packing": "moved to scoring.packing",
+    "optim.logprob_backend": "moved to scoring.kernel_backend",
+    "optim.micro_batch_tokens": "moved to scoring.micro_batch_tokens",
+    "optim.fused_head": "removed: the padded passes use the fused LM head wherever the head is a plain nn.Linear",
+}
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -244,6 +257,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         try:
             merged = OmegaConf.merge(merged, layer)
         except (ConfigKeyError, ConfigAttributeError) as exc:
+            if exc.full_key in MOVED_KEYS:
+                raise ValueError(f"config key {exc.full_key!r} (from {source}): {MOVED_KEYS[exc.full_key]}") from None
             raise ValueError(f"unknown config key {exc.full_key!r} (from {source})") from None
         except ValidationError as exc:
             raise ValueError(f"config key {exc.full_key!r}: {exc.msg.splitlines()[0]}") from None

@@ -25,7 +25,7 @@ def accuracy(
     backend = HFGenerateBackend(model, tokenizer, rollout_cfg, device=device, synced_gpus=synced_gpus, greedy=True)
     correct = 0
     if mine:
-        responses = backend.generate([ex.prompt_ids for ex in mine], 1, seed=0)
+        responses = backend.generate([ex.prompt_ids for ex in mine], 1, seed=0).tokens
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(math_correct(t, ex.answer, timeout_s) for t, ex in zip(texts, mine))
     counts = torch.tensor([float(correct), float(len(mine))])
@@ -41,7 +41,7 @@ def evaluate_directory(model_dir: str, data_file: str, overrides: list[str] = ()
 
     from cepo.config import load_config
     from cepo.data import load_examples
-    from cepo.errors import check_data_file, check_model_dir, check_tokenizer_dir
+    from cepo.paths import check_data_file, check_model_dir, check_tokenizer_dir
 
     cfg = load_config(None, [f"model.path={model_dir}", f"data.train_file={data_file}", *overrides])
     check_model_dir(model_dir, "MODEL")

@@ -81,3 +81,10 @@ def ppo_loss(
             "tokens": maskf.sum(),
         }
     return loss, stats
+
+
+def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights ``is_weight_t = min(exp(old - sampler), cap)`` (1 at
+    padding), ``(B, R)`` float32: the ``is_weights`` argument of :func:`ppo_loss`."""
+    w = torch.exp(old_logp.float() - sampler_logp.to(old_logp.device)).clamp(max=cap)
+    return torch.where(mask.to(old_logp.device), w, torch.ones_like(w))

@@ -9,8 +9,8 @@ needs each rollout's response under three contexts (``policy`` = ``[prompt, resp
 with a segment table (start, length, parent, position offset). Each segment's positions continue
 from the end of its parent chain (``pos(r+) = len(prompt)``, ``pos(y under r+) = len(prompt) +
 len(r+)``), so with tree attention every token sees exactly the keys and positions it would see in
-its own unshared sequence. Groups are laid end to end in rows of at most ``max_row_len`` tokens
-(first fit, in order) and rows are right-padded; padding belongs to no segment.
+its own unshared sequence. The groups of a micro-batch are laid end to end in one row, with no
+padding (each segment attends only to its own window, so the row's length costs nothing).
 
 A group may carry fewer contexts than the pack (``Group.contexts``): a CEPO group without a usable
 ``r-`` packs only ``policy`` and ``pos``. For the update pass pack with ``contexts=("policy",)``:
@@ -187,48 +187,26 @@ def _group_segments(group: Group, contexts: Sequence[str]) -> list[tuple[str, in
     return segs
 
 
-def first_fit(sizes: Sequence[int], capacity: int | None) -> list[list[int]]:
-    """Indices of ``sizes`` placed first-fit, in order, into bins of at most ``capacity``
-    (``None``: one bin). An item larger than ``capacity`` gets a bin of its own."""
-    bins: list[list[int]] = []
-    used: list[int] = []
-    for i, size in enumerate(sizes):
-        for b, u in enumerate(used):
-            if capacity is None or u + size <= capacity:
-                bins[b].append(i)
-                used[b] += size
-                break
-        else:
-            bins.append([i])
-            used.append(size)
-    return bins
-
-
 def pack_groups(
     groups: Sequence[Group],
     *,
     contexts: Sequence[str] = CONTEXTS,
-    max_row_len: int | None = None,
     pad_id: int = 0,
-    pad_to_multiple: int = 1,
     response_width: int | None = None,
 ) -> PackedGroups:
-    """Pack ``groups`` into rows of shared-prefix segment trees.
+    """Pack ``groups`` end to end into one row of shared-prefix segment trees.
 
     Args:
         groups: the groups, each with ``G >= 1`` responses (G may differ between groups).
         contexts: which response contexts to include, a subset of ``("policy", "pos", "neg")``
             in any order; ``r+`` / ``r-`` segments are included only for ``pos`` / ``neg``. A
             group's own ``contexts`` narrows this for that group.
-        max_row_len: most tokens per row; groups are placed first-fit in order. ``None``: every
-            group in one row. A group longer than ``max_row_len`` raises ``ValueError``.
-        pad_id: token id of padding.
-        pad_to_multiple: round the row length up to a multiple of this.
+        pad_id: token id of padding (only an all-empty pack has any).
         response_width: ``L`` of the ``(N, L)`` outputs (default: the longest response); must be
             at least the longest response.
 
     Returns:
-        :class:`PackedGroups`; ``table.input_ids`` has shape ``(R, T)``.
+        :class:`PackedGroups`; ``table.input_ids`` has shape ``(1, T)``.
     """
     contexts = tuple(contexts)
     if not contexts or any(c not in CONTEXTS for c in contexts) or len(set(contexts)) != len(contexts):
@@ -240,13 +218,8 @@ def pack_groups(
             raise ValueError(f"groups[{gi}].contexts: {g.contexts} is not a subset of the pack's {contexts}")
     per_group = [_group_segments(g, contexts) for g in groups]
     sizes = [g.packed_size(contexts) for g in groups]
-    if max_row_len is not None:
-        for gi, size in enumerate(sizes):
-            if size > max_row_len:
-                raise ValueError(f"max_row_len: group {gi} packs to {size} tokens, more than {max_row_len}")
-    rows = first_fit(sizes, max_row_len)
-    T = max(1, max(sum(sizes[g] for g in row) for row in rows))
-    T = -(-T // pad_to_multiple) * pad_to_multiple
+    rows = [list(range(len(groups)))]
+    T = max(1, sum(sizes))
     S = max(sum(len(per_group[g]) for g in row) for row in rows)
     offsets = [0]
     for g in groups[:-1]:

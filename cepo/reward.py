@@ -148,6 +148,11 @@ class RewardModel:
         self.cfg = cfg
         self.terms: list[tuple[str, Callable, float]] = []
         if cfg.math_verify:
+            # import math-verify (and sympy) here, not inside the first timed call: on a busy machine
+            # the import alone can outlast timeout_s, and an alarm raised mid-import leaves a
+            # half-initialised sympy in sys.modules that breaks every later user (torch included)
+            import math_verify  # noqa: F401
+
             self.terms.append(("math", lambda r, a, q: math_correct(r, a, cfg.timeout_s), 1.0))
         if cfg.format_weight:
             self.terms.append(("format", lambda r, a, q: float(extract_boxed(r) is not None), cfg.format_weight))

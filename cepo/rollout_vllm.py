@@ -1,4 +1,4 @@
-"""Rollouts with a colocated vLLM engine, and the factory that picks the rollout backend.
+"""Rollouts with a colocated vLLM engine (``rollout.backend=vllm``).
 
 :class:`VLLMBackend` implements :class:`cepo.rollout.RolloutBackend` with one in-process vLLM
 engine per rank (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; ``distributed_executor_backend=
@@ -10,9 +10,8 @@ trainer can hand it its weights as tensors:
   ``_request_seed(seed, i)`` and vLLM gives its sample ``j`` the seed ``that + j``, so every sample's
   random stream is a function of (seed, prompt, sample) only; the trainer's ``seed`` already folds
   in (run seed, step, rank), so a resumed run samples exactly what an uninterrupted one would.
-  The sampled tokens' log-probs (after temperature and top-p, ``logprobs_mode=
-  "processed_logprobs"``) are kept in :attr:`VLLMBackend.last_logprobs`, one list per returned
-  response, aligned with its tokens.
+  It returns :class:`cepo.rollout.Samples` with the sampled tokens' log-probs (after temperature
+  and top-p, ``logprobs_mode="processed_logprobs"``), one list per response, aligned with its tokens.
 - ``sync_weights(model)``: the policy's full weights (LoRA adapters merged into their base
   weights without touching the trained module; ZeRO-3 parameters gathered one module at a time),
   cast to the engine's dtype, pushed with vLLM's in-place ``reload_weights`` (checkpoint format,
@@ -39,7 +38,7 @@ import time
 
 import torch
 
-from cepo.rollout import HFGenerateBackend, _cut, _eos_ids
+from cepo.rollout import Samples, cut_at_eos, eos_ids
 
 log = logging.getLogger("cepo.rollout_vllm")
 
@@ -267,8 +266,7 @@ class VLLMBackend:
     ):
         self.cfg, self.dtype = cfg, dtype
         self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = _eos_ids(tokenizer, model)  # the policy's generation_config EOS ids too, as `generate`
-        self.last_logprobs: list[list[float]] = []
+        self.eos_ids = eos_ids(tokenizer, model)  # the policy's generation_config EOS ids too, as `generate`
         self.stale = True  # no weights pushed yet: generate refuses until sync_weights succeeds
         self.asleep = False
         self.timings: dict[str, float] = {}
@@ -401,8 +399,8 @@ class VLLMBackend:
             self.asleep = True
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, seed: int, *, greedy: bool = False) -> list[list[int]]:
-        """``len(prompts) * n`` responses, grouped by prompt; fills :attr:`last_logprobs`."""
+    def generate(self, prompts: list[list[int]], n: int, seed: int, *, greedy: bool = False) -> Samples:
+        """``len(prompts) * n`` responses, grouped by prompt, with the sampler's log-probs."""
         from vllm import SamplingParams
 
         self._check_fresh()
@@ -433,13 +431,12 @@ class VLLMBackend:
             if len(samples) != n:
                 raise RuntimeError(f"vLLM returned {len(samples)} samples for a prompt, expected {n}")
             for c in samples:
-                toks = _cut(list(c.token_ids), self.eos_ids, self.pad_id)
+                toks = cut_at_eos(list(c.token_ids), self.eos_ids, self.pad_id)
                 lps = [float(pos[t].logprob) for pos, t in zip(c.logprobs, c.token_ids)]
                 responses.append(toks)
                 logprobs.append(lps[: len(toks)])
-        self.last_logprobs = logprobs
         self.timings["vllm/generate"] = time.perf_counter() - t0
-        return responses
+        return Samples(responses, logprobs)
 
     @torch.no_grad()
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -478,56 +475,3 @@ class VLLMBackend:
             dist.destroy_process_group = destroy
         del llm
         gc.collect()
-
-
-def build_rollout_backend(cfg, model, tokenizer, device, synced_gpus: bool = False):
-    """The rollout backend that ``cfg.rollout.backend`` asks for.
-
-    ``cfg`` is the whole :class:`cepo.config.TrainConfig` (the vLLM engine needs the model path,
-    the prompt budget, the precision and the seed); ``model`` the policy module (the HF backend
-    samples with it; the vLLM backend receives its weights at ``sync_weights``).
-    """
-    rcfg = cfg.rollout
-    if rcfg.backend == "hf":
-        return HFGenerateBackend(model, tokenizer, rcfg, device=device, synced_gpus=synced_gpus)
-    if rcfg.backend != "vllm":
-        raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {rcfg.backend!r}")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return VLLMBackend(
-        cfg.model.path,
-        tokenizer,
-        rcfg,
-        max_model_len=cfg.data.max_prompt_tokens + rcfg.max_new_tokens,
-        dtype=torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32,
-        device=device,
-        tokenizer_path=cfg.model.tokenizer,
-        seed=cfg.seed + rank,
-        model=model,
-    )
-
-
-def sampler_logprobs(rows: list[list[float]] | None, width: int) -> torch.Tensor | None:
-    """Sampler log-probs (:attr:`VLLMBackend.last_logprobs`: one list per response) as a
-    ``(B, width)`` float32 tensor, 0 past each response; ``None`` for ``None``."""
-    if rows is None:
-        return None
-    out = torch.zeros(len(rows), width, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, : len(r)] = torch.tensor(r[:width], dtype=torch.float32)
-    return out
-
-
-def logprob_diff_metrics(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """``rollout/logprob_diff`` (mean) and ``rollout/logprob_diff_max`` of ``|sampler - old|`` over
-    the response tokens (``mask``), both ``(B, R)``."""
-    d = (sampler_logp.to(old_logp.device) - old_logp.float()).abs()[mask.to(old_logp.device)]
-    if d.numel() == 0:
-        return {"rollout/logprob_diff": 0.0, "rollout/logprob_diff_max": 0.0}
-    return {"rollout/logprob_diff": d.mean().item(), "rollout/logprob_diff_max": d.max().item()}
-
-
-def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance-sampling weights ``min(exp(old - sampler), cap)`` (1 at padding), ``(B, R)``."""
-    w = torch.exp(old_logp.float() - sampler_logp.to(old_logp.device)).clamp(max=cap)
-    return torch.where(mask.to(old_logp.device), w, torch.ones_like(w))

@@ -151,42 +151,21 @@ def should_log(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def negative_kinds(cfg, scored) -> tuple[list[str | None] | None, list[str | None] | None]:
-    """Per group, the negative context the step used (``"r-"``, ``"policy"``, ``"r+"``) and ``r-``."""
-    if scored.pos is None:
-        return None, None
-    groups = scored.seq_advantages.shape[0] // cfg.rollout.group_size
-    if cfg.algorithm.name != "cepo" or scored.choices is None:
-        return ["policy"] * groups, [None] * groups
-    kinds, answers = [], []
-    for g, choice in enumerate(scored.choices):
-        r_minus = scored.neg_answers[g] if scored.neg_answers is not None else choice.answer
-        if choice.reason == "ok" and r_minus is not None:
-            kinds.append("r-")
-        elif choice.reason == "no_rejected" and cfg.algorithm.no_rejected == "grpo":
-            kinds.append("r+")
-        else:
-            kinds.append("policy")
-        answers.append(r_minus if choice.reason == "ok" else None)
-    return kinds, answers
-
-
 def step_records(step: int, cfg, tokenizer, rollouts, scored) -> list[dict]:
     """:func:`build_sample_records` of a trainer step (``cepo.experience.Rollouts`` / ``Scored``)."""
-    G = rollouts.group_size
-    kinds, r_minus = negative_kinds(cfg, scored)
+    kinds = None if scored.negatives is None else [n.value for n in scored.negatives]
     return build_sample_records(
         step=step,
         tokenizer=tokenizer,
-        questions=[q for q in rollouts.questions for _ in range(G)],
-        answers=[a for a in rollouts.answers for _ in range(G)],
+        questions=rollouts.per_rollout(rollouts.questions),
+        answers=rollouts.per_rollout(rollouts.answers),
         responses=rollouts.responses,
         texts=rollouts.texts,
         rewards=rollouts.rewards.tolist(),
         seq_adv=scored.seq_advantages,
         tok_adv=scored.advantages,
         mask=scored.mask,
-        group_size=G,
+        group_size=rollouts.group_size,
         n_groups=cfg.log_samples_groups,
         algorithm=cfg.algorithm.name,
         lam=scored.lam,
@@ -196,6 +175,6 @@ def step_records(step: int, cfg, tokenizer, rollouts, scored) -> list[dict]:
         pos_logp=scored.pos,
         neg_logp=scored.neg,
         weights=scored.weights,
-        r_minus=r_minus,
+        r_minus=scored.r_minus,
         negative=kinds,
     )

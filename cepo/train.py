@@ -42,13 +42,14 @@ from cepo.advantages import lam_at
 from cepo.config import TrainConfig, load_config, save_config, to_dict
 from cepo.data import PromptStream, load_examples
 from cepo.engine import build_engine, load_policy, setup_distributed, skipped_steps
-from cepo.errors import check_train_paths
 from cepo.evaluate import accuracy
-from cepo.experience import Experience, Rollouts, Scored, resolve_packing
-from cepo.loss import ppo_loss
+from cepo.experience import Experience, Rollouts, Scored
+from cepo.loss import ppo_loss, tis_weights
+from cepo.paths import check_train_paths
 from cepo.reward import RewardModel
-from cepo.rollout_vllm import build_rollout_backend, logprob_diff_metrics, sampler_logprobs, tis_weights
+from cepo.rollout import build_rollout_backend, logprob_diff_metrics, logprobs_tensor
 from cepo.samples import should_log, step_records, write_samples
+from cepo.scoring import build_passes
 
 log = logging.getLogger("cepo.train")
 
@@ -152,7 +153,8 @@ class Trainer:
 
         model = load_policy(cfg)
         # Packed passes (shared prompts, tree attention) where the model supports them; else padded.
-        self.packed = resolve_packing(cfg, model, self.prompts_per_rank)
+        passes = build_passes(cfg, model, self.tokenizer.pad_token_id, self.device, self.prompts_per_rank)
+        self.packed = passes.packed
         if not self.packed and self.mini_rows % cfg.optim.micro_batch_size:
             raise ValueError(
                 f"a mini-batch of {self.mini_rows} rollouts per rank is not divisible by "
@@ -170,7 +172,7 @@ class Trainer:
         self.synced = cfg.engine.zero_stage == 3 and self.world > 1
         # transformers' generate on the policy itself, or a colocated vLLM engine (rollout.backend)
         self.rollout = build_rollout_backend(cfg, self.engine.module, self.tokenizer, self.device, self.synced)
-        self.experience = Experience(cfg, self.tokenizer, self.device, packed=self.packed)
+        self.experience = Experience(cfg, self.tokenizer, self.device, passes)
         self.stream = PromptStream(len(self.examples), cfg.seed)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.step_done = 0
@@ -210,7 +212,7 @@ class Trainer:
             m = self.update(rollouts, scored)
         with timed(t, "weight_sync"):  # vLLM: push the updated weights before the next rollout (raises if it fails)
             self.rollout.sync_weights(self.engine.module)
-        samp = sampler_logprobs(rollouts.sampler_logprobs, scored.old_logp.shape[1])
+        samp = logprobs_tensor(rollouts.sampler_logprobs, scored.old_logp.shape[1])
         if samp is not None:  # rollout/logprob_diff(_max): |sampler - trainer old log-prob| over response tokens
             m.update(logprob_diff_metrics(scored.old_logp, samp, scored.mask))
         m.update({**scored.stats, **rstats, **t, "lam": lam})
@@ -228,24 +230,22 @@ class Trainer:
         mine = [
             self.examples[i] for i in idx[self.rank * self.prompts_per_rank : (self.rank + 1) * self.prompts_per_rank]
         ]
-        responses = self.rollout.generate(
+        samples = self.rollout.generate(
             [ex.prompt_ids for ex in mine], G, seed=cfg.seed * 1_000_003 + k * 7919 + self.rank
         )
         return Rollouts(
             prompts=[list(ex.prompt_ids) for ex in mine],
-            responses=responses,
-            texts=self.tokenizer.batch_decode(responses, skip_special_tokens=True),
+            responses=samples.tokens,
+            texts=self.tokenizer.batch_decode(samples.tokens, skip_special_tokens=True),
             answers=[ex.answer for ex in mine],
             questions=[ex.question for ex in mine],
             group_size=G,
-            sampler_logprobs=getattr(self.rollout, "last_logprobs", None),
+            sampler_logprobs=samples.logprobs,
         )
 
     def score_rewards(self, rollouts: Rollouts) -> dict:
         """Sets ``rollouts.rewards``; returns the reward statistics."""
-        G = rollouts.group_size
-        answers = [a for a in rollouts.answers for _ in range(G)]
-        questions = [q for q in rollouts.questions for _ in range(G)]
+        answers, questions = rollouts.per_rollout(rollouts.answers), rollouts.per_rollout(rollouts.questions)
         rewards, stats = self.reward(rollouts.texts, answers, questions)
         rollouts.rewards = torch.tensor(rewards, dtype=torch.float32)
         return stats
@@ -262,7 +262,7 @@ class Trainer:
         grad_norms = []
         mini = self.mini_rows
         isw = None  # rollout.tis_cap: truncated importance weights min(exp(old - sampler), C)
-        samp = sampler_logprobs(rollouts.sampler_logprobs, scored.old_logp.shape[1])
+        samp = logprobs_tensor(rollouts.sampler_logprobs, scored.old_logp.shape[1])
         if self.cfg.rollout.tis_cap is not None and samp is not None:
             isw = tis_weights(scored.old_logp, samp, scored.mask, self.cfg.rollout.tis_cap)
         for u in range(cfg.updates_per_batch):

@@ -52,7 +52,7 @@ def test_windows_match_dense_on_cepo_packs_and_are_cached():
         for _ in range(5)
     ]
     groups[1].contexts = ("policy", "pos")  # a group without r-
-    packed = pack_groups(groups, max_row_len=90, pad_to_multiple=8)
+    packed = pack_groups(groups)
     layout = packed.table.layout()
     _check(layout, *_qkv(9, layout.batch, 4, 2, layout.seq_len, 8), 0.3)
     assert segment_windows(layout) is segment_windows(layout)  # one table for every layer

@@ -52,7 +52,7 @@ def make_config(assets: dict, out: str, **kw) -> list[str]:
         "rollout.max_new_tokens": 12,
         "optim.micro_batch_size": 8,
         "optim.lr": 1e-2,
-        "optim.logprob_backend": "torch",
+        "scoring.kernel_backend": "torch",
         "steps": 1,
         "save_every": 0,
         "progress_bar": False,

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from cepo.config import load_config
+from cepo.rollout import Samples
 from cepo.train import Trainer
 
 
@@ -32,7 +33,7 @@ class PromptSeededRollouts:
                 length = int(torch.randint(2, 10, (1,), generator=g))
                 picks = torch.randint(0, len(self.vocab), (length,), generator=g).tolist()
                 out.append([self.vocab[i] for i in picks] + [self.eos_id])
-        return out
+        return Samples(out)
 
 
 def main(config: str, out: str) -> None:

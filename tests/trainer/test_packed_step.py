@@ -1,4 +1,4 @@
-"""The packed step (``optim.packing``) equals the padded one (``optim.packing=false``, the oracle).
+"""The packed step (``scoring.packing``) equals the padded one (``scoring.packing=false``, the oracle).
 
 Float64 runs compare every logged metric of steps 1-2 to 1e-9 relative and the parameters to
 1e-10: the packed and padded passes differ only in rounding, and in float64 that is ~1e-15. (The
@@ -24,10 +24,10 @@ import deepspeed.runtime.engine as ds_engine
 import pytest
 import torch
 
-import cepo.experience as experience_mod
-import cepo.logprobs as logprobs_mod
+import cepo.scoring as scoring_mod
 from cepo import train as train_mod
 from cepo.config import load_config
+from cepo.scoring import PaddedPasses
 from cepo.train import Trainer
 from tests.trainer.conftest import TINY, make_config
 from tests.trainer.test_packing import _exact_float64
@@ -101,13 +101,13 @@ def compare_params(a: dict, b: dict, atol: float):
 def test_packed_step_equals_padded_float64(assets, llama_assets, tmp_path, float64, family, algorithm):
     a = assets if family == "qwen3" else llama_assets
     kw = dict(algorithm__name=algorithm, rollout__prompts_per_step=4, optim__micro_batch_size=8)
-    t_pad, m_pad, p_pad = two_steps(a, str(tmp_path / "pad"), optim__packing="false", **kw)
-    t_pack, m_pack, p_pack = two_steps(a, str(tmp_path / "pack"), optim__packing="true", **kw)
+    t_pad, m_pad, p_pad = two_steps(a, str(tmp_path / "pad"), scoring__packing="false", **kw)
+    t_pack, m_pack, p_pack = two_steps(a, str(tmp_path / "pack"), scoring__packing="true", **kw)
     assert not t_pad.packed and t_pack.packed
     assert next(iter(p_pack.values())).dtype == torch.float64
     compare_metrics(m_pad, m_pack, rel=1e-9)
     compare_params(p_pad, p_pack, atol=1e-10)
-    moved = Trainer(load_config(make_config(a, str(tmp_path / "fresh"), optim__packing="false")))
+    moved = Trainer(load_config(make_config(a, str(tmp_path / "fresh"), scoring__packing="false")))
     assert any(not torch.equal(v.double(), p_pack[k]) for k, v in moved.engine.module.named_parameters())
 
 
@@ -118,8 +118,8 @@ def test_packed_step_with_one_token_responses_and_solved_groups(assets, tmp_path
             algorithm__name="cepo", rollout__prompts_per_step=6, rollout__max_new_tokens=1, optim__micro_batch_size=8,
             algorithm__no_rejected=no_rejected, reward__functions=["tests.trainer.rewards:solved_by_question"],
         )  # fmt: skip
-        _, m_pad, p_pad = two_steps(assets, str(tmp_path / f"pad-{no_rejected}"), optim__packing="false", **kw)
-        _, m_pack, p_pack = two_steps(assets, str(tmp_path / f"pack-{no_rejected}"), optim__packing="true", **kw)
+        _, m_pad, p_pad = two_steps(assets, str(tmp_path / f"pad-{no_rejected}"), scoring__packing="false", **kw)
+        _, m_pack, p_pack = two_steps(assets, str(tmp_path / f"pack-{no_rejected}"), scoring__packing="true", **kw)
         assert m_pack[0]["response_length"] == 1.0
         assert 0.0 < m_pack[0]["cepo/no_rejected_frac"] < 1.0  # both kinds of group occurred
         compare_metrics(m_pad, m_pack, rel=1e-9)
@@ -128,8 +128,8 @@ def test_packed_step_with_one_token_responses_and_solved_groups(assets, tmp_path
 
 def test_packed_lora_step_equals_padded_float64(assets, tmp_path, float64):
     kw = dict(algorithm__name="cepo", rollout__prompts_per_step=4, optim__micro_batch_size=8, model__lora=True)
-    _, m_pad, p_pad = two_steps(assets, str(tmp_path / "pad"), optim__packing="false", model__lora_r=4, **kw)
-    t_pack, m_pack, p_pack = two_steps(assets, str(tmp_path / "pack"), optim__packing="true", model__lora_r=4, **kw)
+    _, m_pad, p_pad = two_steps(assets, str(tmp_path / "pad"), scoring__packing="false", model__lora_r=4, **kw)
+    t_pack, m_pack, p_pack = two_steps(assets, str(tmp_path / "pack"), scoring__packing="true", model__lora_r=4, **kw)
     assert t_pack.packed and any("lora_A" in k for k in p_pack)
     compare_metrics(m_pad, m_pack, rel=1e-9)
     compare_params(p_pad, p_pack, atol=1e-10)
@@ -137,8 +137,8 @@ def test_packed_lora_step_equals_padded_float64(assets, tmp_path, float64):
 
 def test_packed_zero2_step_equals_padded_float32(assets, tmp_path):
     kw = dict(algorithm__name="cepo", rollout__prompts_per_step=4, optim__micro_batch_size=8, engine__zero_stage=2)
-    t_pad, m_pad, p_pad = two_steps(assets, str(tmp_path / "pad"), optim__packing="false", after_first=True, **kw)
-    t_pack, m_pack, p_pack = two_steps(assets, str(tmp_path / "pack"), optim__packing="true", after_first=True, **kw)
+    t_pad, m_pad, p_pad = two_steps(assets, str(tmp_path / "pad"), scoring__packing="false", after_first=True, **kw)
+    t_pack, m_pack, p_pack = two_steps(assets, str(tmp_path / "pack"), scoring__packing="true", after_first=True, **kw)
     assert t_pack.packed
     compare_metrics(m_pad, m_pack, rel=1e-4, abs_keys=("loss", "cepo/delta", "kl", "clip_frac"), atol=1e-5)
     worst = max((p_pad[k] - p_pack[k]).abs().max().item() for k in p_pad)
@@ -148,22 +148,20 @@ def test_packed_zero2_step_equals_padded_float32(assets, tmp_path):
 
 def test_packing_true_never_runs_the_padded_forward(assets, tmp_path, monkeypatch):
     def padded(*a, **k):
-        raise AssertionError("a padded forward ran with optim.packing=true")
+        raise AssertionError("a padded forward ran with scoring.packing=true")
 
-    for mod in (experience_mod, logprobs_mod):
-        monkeypatch.setattr(mod, "forward_logprobs", padded)
-    monkeypatch.setattr(experience_mod, "batched_logprobs", padded)
-    monkeypatch.setattr(experience_mod, "build_batch", padded)
+    monkeypatch.setattr(scoring_mod, "forward_logprobs", padded)
+    monkeypatch.setattr(scoring_mod, "build_batch", padded)
     _, metrics, _ = two_steps(
-        assets, str(tmp_path / "run"), algorithm__name="cepo", optim__packing="true", optim__kl_coef=0.1
+        assets, str(tmp_path / "run"), algorithm__name="cepo", scoring__packing="true", optim__kl_coef=0.1
     )
     assert metrics[0]["tokens/experience"] > 0 and metrics[0]["tokens/update"] > 0
 
 
 def test_packed_micro_batch_token_budget_does_not_change_the_step(assets, tmp_path, float64):
-    kw = dict(algorithm__name="cepo", rollout__prompts_per_step=4, optim__packing="true")
+    kw = dict(algorithm__name="cepo", rollout__prompts_per_step=4, scoring__packing="true")
     _, m_one, p_one = two_steps(assets, str(tmp_path / "one"), optim__micro_batch_size=16, **kw)
-    _, m_many, p_many = two_steps(assets, str(tmp_path / "many"), optim__micro_batch_tokens=1, **kw)  # a group each
+    _, m_many, p_many = two_steps(assets, str(tmp_path / "many"), scoring__micro_batch_tokens=1, **kw)  # a group each
     compare_metrics(m_one, m_many, rel=1e-9)
     compare_params(p_one, p_many, atol=1e-10)
 
@@ -181,7 +179,7 @@ def test_packed_experience_runs_under_half_the_tokens_on_the_demo_geometry(asset
     rollouts = trainer.generate(1)
     trainer.score_rewards(rollouts)
     packed = trainer.experience.score(trainer.engine.module, rollouts, 1.0)
-    trainer.experience.packed = False
+    trainer.experience.passes = PaddedPasses(trainer.cfg, trainer.tokenizer.pad_token_id, "cpu", fused_head=True)
     padded = trainer.experience.score(trainer.engine.module, rollouts, 1.0)
     ratio = packed.stats["tokens/experience"] / padded.stats["tokens/experience"]
     assert ratio <= 0.5, ratio
@@ -197,31 +195,36 @@ def test_packing_on_an_unsupported_model(assets, tmp_path, caplog):
     transformers.MistralForCausalLM(transformers.MistralConfig(vocab_size=len(tok), **dims)).save_pretrained(out)
     tok.save_pretrained(out)
     other = {**assets, "model": out}
-    with pytest.raises(ValueError, match="optim.packing=true: tree attention supports"):
-        Trainer(load_config(make_config(other, str(tmp_path / "t"), optim__packing="true")))
-    with caplog.at_level("INFO", logger="cepo.experience"):
+    with pytest.raises(ValueError, match="scoring.packing=true: tree attention supports"):
+        Trainer(load_config(make_config(other, str(tmp_path / "t"), scoring__packing="true")))
+    with caplog.at_level("INFO", logger="cepo.scoring"):
         trainer = Trainer(load_config(make_config(other, str(tmp_path / "a"))))
-    assert not trainer.packed and "optim.packing=auto: using padded passes" in caplog.text
+    assert not trainer.packed and "scoring.packing=auto: using padded passes" in caplog.text
     assert math.isfinite(trainer.step(1)["loss"])
 
 
 def test_rollout_keeps_sdpa_and_scoring_uses_tree_attention(assets, tmp_path, monkeypatch):
-    trainer = Trainer(load_config(make_config(assets, str(tmp_path / "run"), optim__packing="true")))
+    trainer = Trainer(load_config(make_config(assets, str(tmp_path / "run"), scoring__packing="true")))
     seen = []
-    real = experience_mod.packed_forward
+    real = scoring_mod.packed_forward
 
     def spy(model, table, **kw):
         seen.append(model.config._attn_implementation)
         return real(model, table, **kw)
 
-    monkeypatch.setattr(experience_mod, "packed_forward", spy)
+    monkeypatch.setattr(scoring_mod, "packed_forward", spy)
     trainer.step(1)
     assert seen and set(seen) == {"cepo_tree"}
     assert trainer.engine.module.config._attn_implementation == "sdpa"  # generate's implementation is back
 
 
 def test_packing_config_values(assets, tmp_path):
-    assert load_config(make_config(assets, str(tmp_path / "a"), optim__packing=True)).optim.packing == "true"
-    with pytest.raises(ValueError, match="optim.packing"):
-        load_config(make_config(assets, str(tmp_path / "b"), optim__packing="sometimes"))
+    assert load_config(make_config(assets, str(tmp_path / "a"), scoring__packing=True)).scoring.packing == "true"
+    with pytest.raises(ValueError, match="scoring.packing"):
+        load_config(make_config(assets, str(tmp_path / "b"), scoring__packing="sometimes"))
+    for old, new in (("packing", "scoring.packing"), ("logprob_backend", "scoring.kernel_backend")):
+        with pytest.raises(ValueError, match=f"'optim.{old}'.*moved to {new}"):
+            load_config(make_config(assets, str(tmp_path / "c"), **{f"optim__{old}": "auto"}))
+    with pytest.raises(ValueError, match="'optim.fused_head'.*removed"):
+        load_config(make_config(assets, str(tmp_path / "d"), optim__fused_head=True))
     assert os.path.isdir(assets["model"])

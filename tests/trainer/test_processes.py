@@ -35,7 +35,7 @@ def test_two_process_data_parallel_equals_one_process(assets, tmp_path):
         optim__micro_batch_size=4,
         algorithm__name="cepo",
         algorithm__lam=1.0,
-        optim__packing="false",
+        scoring__packing="false",
     )
     one, two, padded = str(tmp_path / "one.pt"), str(tmp_path / "two.pt"), str(tmp_path / "padded.pt")
     for config, out in ((cfg, one), (padded_cfg, padded)):  # packed (the default here) and padded, 1 process

@@ -20,17 +20,9 @@ import torch.nn.functional as F
 from cepo import demo
 from cepo.config import DataConfig, RolloutConfig, load_config
 from cepo.data import load_examples
-from cepo.rollout import HFGenerateBackend
-from cepo.rollout_vllm import (
-    VLLMBackend,
-    WeightSyncError,
-    build_rollout_backend,
-    full_weights,
-    logprob_diff_metrics,
-    sampler_logprobs,
-    tis_weights,
-    vllm_available,
-)
+from cepo.loss import tis_weights
+from cepo.rollout import HFGenerateBackend, build_rollout_backend, logprob_diff_metrics, logprobs_tensor
+from cepo.rollout_vllm import VLLMBackend, WeightSyncError, full_weights, vllm_available
 from tests.trainer.conftest import ROOT, kill_at_checkpoint
 from tests.trainer.conftest import subprocess_env as _env
 
@@ -111,39 +103,38 @@ def test_greedy_equals_generate(engine, demo_assets):
     prompts = _prompts(demo_assets, tok)
     engine.sync_weights(model)
     threads = torch.get_num_threads()
-    ours = engine.generate(prompts, 1, seed=0, greedy=True)
+    ours = engine.generate(prompts, 1, seed=0, greedy=True).tokens
     assert torch.get_num_threads() == threads  # the trainer keeps its thread count (vllm_threads=1 inside)
     hf = HFGenerateBackend(model, tok, RolloutConfig(max_new_tokens=MAX_NEW), device=torch.device("cpu"), greedy=True)
-    theirs = hf.generate(prompts, 1, seed=0)
+    theirs = hf.generate(prompts, 1, seed=0).tokens
     assert ours == theirs
     assert any(r[-1] in engine.eos_ids for r in ours)  # some stop at EOS, and include it, as generate does
 
 
 @needs_vllm
 def test_sampling_seeds_groups_and_sampler_logprobs(engine, demo_assets):
-    from cepo.logprobs import batched_logprobs, build_batch
+    from cepo.scoring import build_batch, forward_logprobs
 
     model, tok = _load(demo_assets["model"])
     prompts = _prompts(demo_assets, tok, n=8)
     engine.sync_weights(model)
-    a = engine.generate(prompts, 4, seed=11)
-    lp_a = engine.last_logprobs
+    samples = engine.generate(prompts, 4, seed=11)
+    a, lp_a = samples.tokens, samples.logprobs
     assert len(a) == 32 and [len(x) for x in lp_a] == [len(x) for x in a]
     with pytest.raises(WeightSyncError, match="sync_weights"):  # each rollout needs a sync before it
         engine.generate(prompts, 4, seed=11)
     engine.sync_weights(model)
-    assert engine.generate(prompts, 4, seed=11) == a  # same seed, same samples
+    assert engine.generate(prompts, 4, seed=11).tokens == a  # same seed, same samples
     engine.sync_weights(model)
-    assert engine.generate(prompts, 4, seed=12) != a
+    assert engine.generate(prompts, 4, seed=12).tokens != a
     groups = [a[i * 4 : (i + 1) * 4] for i in range(8)]
     assert all(len({tuple(r) for r in g}) > 1 for g in groups)  # the G samples of a prompt differ
     # the sampler's log-probs are the trainer's old-policy log-probs of the same tokens
     rows = [p for p in prompts for _ in range(4)]
     batch = build_batch(rows, a, tok.pad_token_id, response_width=max(map(len, a)))
-    old = batched_logprobs(
-        model, batch, micro_batch_size=32, temperature=1.0, backend="torch", device=torch.device("cpu")
-    )
-    samp = sampler_logprobs(lp_a, old.shape[1])
+    with torch.no_grad():
+        old = forward_logprobs(model, batch, temperature=1.0, backend="torch")
+    samp = logprobs_tensor(lp_a, old.shape[1])
     m = logprob_diff_metrics(old, samp, batch.mask)
     assert m["rollout/logprob_diff_max"] < 1e-4, m
     w = tis_weights(old, samp, batch.mask, cap=2.0)

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
     def recorded(self, prompts, n, seed, **kw):
         out = generate(self, prompts, n, seed, **kw)
         with open(dump, "a") as f:
-            f.write(json.dumps({"seed": seed, "prompts": prompts, "responses": out, "logprobs": self.last_logprobs}))
+            f.write(json.dumps({"seed": seed, "prompts": prompts, "responses": out.tokens, "logprobs": out.logprobs}))
             f.write("\n")
         return out
 

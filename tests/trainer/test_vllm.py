@@ -1,8 +1,10 @@
 """The vLLM rollout backend, against a real (CPU) vLLM engine and the demo model.
 
 One engine serves the in-process tests (building one takes about 20 s here); the training-run
-test starts ``cepo train`` processes. Skipped where vLLM cannot be imported, except the test of
-the error that says how to install it.
+test starts ``cepo train`` processes. Skipped where vLLM cannot be imported (the main ``.venv``),
+except the tests of the errors that say how to install it; ``make test-vllm`` runs them in
+``.venv-vllm`` with ``CEPO_REQUIRE_VLLM=1`` wherever vLLM was installed there, which turns a failed
+import into an error instead of a skip, so that no vLLM test is lost silently.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from tests.trainer.conftest import ROOT, kill_at_checkpoint
 from tests.trainer.conftest import subprocess_env as _env
 
 WHY_NO_VLLM = vllm_available()
+if WHY_NO_VLLM is not None and os.environ.get("CEPO_REQUIRE_VLLM") == "1":
+    raise ImportError(f"CEPO_REQUIRE_VLLM=1 (make test-vllm) but vLLM cannot be imported here: {WHY_NO_VLLM}")
 needs_vllm = pytest.mark.skipif(WHY_NO_VLLM is not None, reason=f"vLLM not importable: {WHY_NO_VLLM}")
 INSTRUCTION = "Answer in \\boxed{}."
 MAX_NEW = 32

@@ -1,7 +1,10 @@
-"""pytest-benchmark harness of the microbenchmarks: ``pytest bench/ --benchmark-only``.
+"""The one benchmark harness (pytest-benchmark) of the ops: ``pytest bench/ --benchmark-only``.
 
-Every ``bench/test_<op>.py`` case runs each implementation (eager PyTorch, every usable cepo
-backend, the public peers when importable) through the ``measure`` fixture, which
+Files are ``bench/bench_<op>.py`` (collected by :func:`pytest_collect_file` below; the whole-step
+tools ``bench_trainer_step.py``, ``bench_rollout.py`` and ``bench_zero3_step.py`` are scripts, not
+collected). Every case runs each implementation (eager PyTorch, every usable cepo backend, the
+public peers when importable: Liger, Cut Cross-Entropy, FlexAttention, TRL's ``trl.kernels``)
+through the ``measure`` fixture, which
 
 - checks correctness first (a case whose check fails is an error, never a timing),
 - groups the results per case (``benchmark.group``), so the table compares implementations,
@@ -14,8 +17,10 @@ backend, the public peers when importable) through the ``measure`` fixture, whic
   ``bench/results/<card>.jsonl`` rows with GB/s and TFLOP/s against the card's ceilings (copy
   bandwidth and bf16 matmul, measured once per session and stored in ``machine_info``).
 
+- on a GPU records the peak memory one call allocates beyond what existed (``peak_extra_bytes``).
+
 Shapes: ``--bench-size full`` (the GPU default: the targets' shapes) or ``tiny`` (the CPU
-default). The kernel configuration under test is ``CEPO_KERNEL_CONFIG`` (see
+default). The kernel configuration under test is ``--kernel-config v1|v2`` (default v1, see
 ``cepo_kernels/configs.py``); it is recorded in each case's ``extra_info`` (not in the test
 names), so two runs under two configurations compare with ``--benchmark-compare``.
 """
@@ -23,22 +28,49 @@ names), so two runs under two configurations compare with ``--benchmark-compare`
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.common import git_sha
+
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # correctness checks of the Triton kernels on the CPU
+
+
+BENCH_DIR = Path(__file__).resolve().parent
+# whole-step tools: scripts with their own command line, not pytest-benchmark files
+STEP_TOOLS = {"bench_trainer_step.py", "bench_rollout.py", "bench_zero3_step.py"}
+BACKENDS = ("cuda", "triton", "torch")
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("cepo bench")
     group.addoption("--bench-size", choices=("auto", "tiny", "full"), default="auto",
                     help="shapes: full (GPU default), tiny (CPU default)")  # fmt: skip
+    group.addoption("--kernel-config", choices=("v1", "v2"), default="v1",
+                    help="the named kernel configuration to measure (cepo_kernels/configs.py)")  # fmt: skip
+
+
+def pytest_configure(config):
+    from cepo_kernels import configs
+
+    configs.select(config.getoption("--kernel-config"))
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect ``bench/bench_<op>.py`` (the project's ``python_files`` pattern is ``test_*.py``)."""
+    if (
+        file_path.parent == BENCH_DIR
+        and file_path.name.startswith("bench_")
+        and file_path.suffix == ".py"
+        and file_path.name not in STEP_TOOLS
+    ):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -50,16 +82,6 @@ def size(request) -> str:
 @pytest.fixture(scope="session")
 def device() -> str:
     return "cuda" if CUDA else "cpu"
-
-
-def _git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
-                             timeout=10)  # fmt: skip
-        return out.stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 _CEILINGS: dict = {}
@@ -91,7 +113,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["triton"] = triton.__version__
     except Exception:
         machine_info["triton"] = None
-    machine_info["git_sha"] = _git_sha()
+    machine_info["git_sha"] = git_sha()
     machine_info.update(ceilings())
 
 
@@ -103,6 +125,18 @@ def _flush_l2() -> None:
         _FLUSH["buf"] = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     _FLUSH["buf"].zero_()
     torch.cuda.synchronize()
+
+
+def _peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes one call of ``fn`` allocates beyond what was allocated before it (CUDA)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return int(peak)
 
 
 class Measure:
@@ -136,6 +170,7 @@ class Measure:
         if interpreted and not CUDA:
             pytest.skip(f"{impl}: Triton through the interpreter is checked, not timed")
         if CUDA:
+            b.extra_info["peak_extra_bytes"] = _peak_extra_bytes(fn)
 
             def timed():
                 fn()
@@ -158,3 +193,43 @@ def usable(backend: str, tensors) -> bool:
     from cepo_kernels import _dispatch
 
     return _dispatch.why_not(backend, tensors) is None
+
+
+def skip_unusable(impl: str, tensors) -> None:
+    """Skip the case when ``impl`` is a cepo backend that cannot run on ``tensors`` here."""
+    if impl in BACKENDS and not usable(impl, tensors):
+        pytest.skip(f"{impl} cannot run here")
+
+
+def peer(module: str, why: str = ""):
+    """Import a peer library's module, or skip the case saying why not (any import failure: a
+    peer built for other versions may raise more than ImportError)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:
+        pytest.skip(f"{module} does not import{why}: {type(exc).__name__}: {exc}"[:300])
+
+
+def close(got, want, atol: float, rtol: float) -> None:
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+# logits-path cases (token_logprobs, contrastive_logprobs): bf16 logits N x V
+LOGITS_SHAPES = {"full": (8192, 151936), "tiny": (64, 3203)}
+
+
+@pytest.fixture(scope="session")
+def logits_data(size, device):
+    """Three bf16 ``(N, V)`` logits streams (standard deviation 3) and ``(N,)`` targets."""
+    n, v = LOGITS_SHAPES[size]
+    g = torch.Generator(device=device).manual_seed(0)
+    streams = [(torch.randn(n, v, device=device, generator=g) * 3).to(torch.bfloat16) for _ in range(3)]
+    targets = torch.randint(0, v, (n,), device=device, generator=g)
+    return streams, targets
+
+
+def eager_logprobs(logits, targets):
+    """The eager baseline: an fp32 ``log_softmax`` of the whole logits, then a gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install the carried wheels, build the CUDA extension just in
-# time, run the GPU tests, then the pytest-benchmark suite (bench/test_*.py) once per kernel
-# configuration (CEPO_KERNEL_CONFIG=v1: today's, v2: issue 11's) in the same call, compare them
-# with --benchmark-compare, turn the JSON into bench/results/<card>.jsonl rows (GB/s, TFLOP/s
-# against the card's ceilings) under $OUT, and print a table last.
+# time, run the GPU tests, then the benchmark harness (pytest-benchmark, bench/bench_<op>.py;
+# peers: Liger, Cut Cross-Entropy, FlexAttention, TRL's trl.kernels) once per kernel
+# configuration (--kernel-config v1: as shipped, v2: the restructured kernels) in the same call,
+# compare them with --benchmark-compare, turn the JSON into bench/results/<card>.jsonl rows (GB/s,
+# TFLOP/s against the card's ceilings) under $OUT, and print a table last.
 # Budget: about 6 minutes on an H100/H200, under 10 at the worst (each step has its own limit);
-# GPU_CHECK_CONFIGS="v2" runs one configuration only; GPU_CHECK_LEGACY=1 also runs the old script
-# benchmarks (then use two calls); GPU_CHECK_NO_CUDA=1 skips the CUDA extension build.
+# GPU_CHECK_CONFIGS="v2" runs one configuration only; GPU_CHECK_NO_CUDA=1 skips the CUDA build.
 #
 # Here, once:   PATH=$PWD/.venv/bin:$PATH bash bench/fetch_gpu_wheels.sh   (fills .whl/, git-ignored)
 # Device call:  run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -53,7 +53,7 @@ bench_configs() {  # bench_configs SECONDS_PER_CONFIG EXTRA_PYTEST_ARGS...
   rm -rf "$STORAGE" "$OUT/benchmarks"
   for cfg in $CONFIGS; do
     # the first configuration is saved as run 0001; every later one is compared against it
-    step "bench_$cfg" "$limit" env CEPO_KERNEL_CONFIG="$cfg" "$PY" -m pytest bench "${BENCH_ARGS[@]}" \
+    step "bench_$cfg" "$limit" "$PY" -m pytest bench "${BENCH_ARGS[@]}" --kernel-config "$cfg" \
       --benchmark-save="$cfg" --benchmark-json="$OUT/bench_$cfg.json" "${cmp[@]}" "$@"
     cmp=(--benchmark-compare=0001)
   done
@@ -61,8 +61,8 @@ bench_configs() {  # bench_configs SECONDS_PER_CONFIG EXTRA_PYTEST_ARGS...
   # side by side: every case under each configuration, grouped per case
   step compare 20 "$PY" -m pytest_benchmark compare "$OUT"/bench_*.json --group-by=group --columns=median,iqr \
     --sort=name --csv="$OUT/compare"
-  # --write-order: the measured backend order per op (commit it as cepo_kernels/measured_order.json
-  # after review: auto then follows the measurement on that card)
+  # --write-order: the measured backend order per op on this card, for review; auto follows each
+  # op's ORDER in code (no file is read at dispatch), changed by hand when a measurement says so
   step results 20 "$PY" -m bench.results_jsonl "$OUT"/bench_*.json --out "$OUT/results" \
     --write-order "$OUT/measured_order.json"
 }
@@ -72,7 +72,8 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then
   # checked, not timed.
   export TRITON_INTERPRET=1
   step info 60 "$PY" -m cepo_kernels.info
-  step tests 900 "$PY" -m pytest -q -x tests/kernels -p no:cacheprovider
+  # (the bench suite's own test is left out: bench_configs below runs the same cases)
+  step tests 900 "$PY" -m pytest -q -x tests/kernels -p no:cacheprovider -k "not bench_suite"
   bench_configs 600 --bench-size tiny
   exit 0
 fi
@@ -82,16 +83,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/
 # limits: 150 + 20 + 120 + 2 x 130 + 2 x 20 = 590 s at the very worst; typically about 6 minutes
 [ -n "${GPU_CHECK_NO_CUDA:-}" ] || step cuda_build 150 "$PY" -c "from cepo_kernels.cuda import jit; jit.load(verbose=True)"
 step info 20 "$PY" -m cepo_kernels.info
-# the numeric GPU tests (compiled kernels against float64; v1 and v2 both in test_kernel_configs)
+# the numeric GPU tests (compiled kernels against float64; v1 and v2 both in test_kernel_configs;
+# torch.compile of the triton and cuda backends as the first call of a process)
 step tests 120 bash -c "'$PY' -m pytest -q -p no:cacheprovider -m 'gpu or cuda_ext' tests/kernels; \
   '$PY' -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_configs.py"
 bench_configs 130
-if [ -n "${GPU_CHECK_LEGACY:-}" ]; then
-  step bench_logprobs 60 "$PY" -m bench.bench_logprobs --out "$OUT"
-  step bench_cuda 60 "$PY" -m bench.bench_cuda_logprobs --out "$OUT"
-  step bench_linear 90 "$PY" -m bench.bench_linear_logprobs --out "$OUT"
-  step bench_tree 120 "$PY" -m bench.bench_tree_attention --out "$OUT"
-fi
 # The trainer step (Qwen3-1.7B shape, ZeRO-2 bf16) is a separate run: GPU_CHECK_TRAINER=1.
 [ -n "${GPU_CHECK_TRAINER:-}" ] && step bench_trainer 240 "$PY" -m bench.bench_trainer_step --out "$OUT"
 echo "=== summary"

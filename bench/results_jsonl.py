@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from bench.common import RESULTS_DIR
 
 
 def _quantile(data: list[float], q: float) -> float:
@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
     p.add_argument("--out", default=str(RESULTS_DIR), help="folder of <card>.jsonl (default bench/results)")
     p.add_argument("--no-write", action="store_true", help="print only")
-    p.add_argument("--write-order", metavar="FILE", help="write the measured backend order per op (the "
-                   "format of cepo_kernels/measured_order.json) for the card of these runs")  # fmt: skip
+    p.add_argument("--write-order", metavar="FILE", help="write the measured backend order per op and card "
+                   "(JSON, for review: an op's ORDER in cepo_kernels/<op>.py changes by hand)")  # fmt: skip
     args = p.parse_args(argv)
     rows = []
     for f in args.json:

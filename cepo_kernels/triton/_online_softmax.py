@@ -9,8 +9,10 @@ the state stays ``(-inf, 0, 0)``.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # host-side floats
 LN2 = 0.6931471805599453
+LOG2E_K = tl.constexpr(LOG2E)  # the same inside @triton.jit code (the compiler takes constexpr globals only)
+LN2_K = tl.constexpr(LN2)
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from cepo_kernels.triton import _launch
-from cepo_kernels.triton._online_softmax import LN2, load_target, row_lse
+from cepo_kernels.triton._online_softmax import LN2_K, load_target, row_lse
 from cepo_kernels.triton.contrastive_advantage import contrastive_weight
 
 __all__ = ["contrastive_logprobs_fwd"]
@@ -25,7 +25,7 @@ def _row_logprob(row_ptr, target, n_cols, V, scale, LOG2: tl.constexpr, BLOCK_V:
     z_t = tl.load(row_ptr + target).to(tl.float32) * scale
     logp = tl.where(lse == float("-inf"), float("-inf"), z_t - lse)
     if LOG2:
-        logp = logp * LN2
+        logp = logp * LN2_K
     return tl.where(n_cols == 0, 0.0, logp)
 
 

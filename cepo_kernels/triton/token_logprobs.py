@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from cepo_kernels.triton import _launch
-from cepo_kernels.triton._online_softmax import LN2, LOG2E, load_target, row_lse
+from cepo_kernels.triton._online_softmax import LN2_K, LOG2E_K, load_target, row_lse
 
 __all__ = ["token_logprobs_bwd", "token_logprobs_fwd"]
 
@@ -58,8 +58,8 @@ def _token_logprobs_fwd_kernel(
     z_t = tl.load(row_ptr + tl.where(ignored, 0, target)).to(tl.float32) * scale
     logp = tl.where(lse == float("-inf"), float("-inf"), z_t - lse)
     if LOG2:  # back to nats
-        logp = logp * LN2
-        lse = lse * LN2
+        logp = logp * LN2_K
+        lse = lse * LN2_K
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
     tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
     if COMPUTE_ENTROPY:
@@ -97,7 +97,7 @@ def _token_logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     live = (target != ignore_index) & (lse != float("-inf"))
     if LOG2:
-        lse_u = tl.where(live, lse * LOG2E, 0.0)  # log2 units, like z below
+        lse_u = tl.where(live, lse * LOG2E_K, 0.0)  # log2 units, like z below
         g_scale = inv_temperature  # v2 folds 1/T into the upstream gradients once per row
     else:
         lse_u = tl.where(live, lse, 0.0)
@@ -110,7 +110,7 @@ def _token_logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         h = tl.where(live, tl.load(grad_entropy_ptr + row).to(tl.float32), 0.0) * g_scale
         if LOG2:
-            mean_z = lse_u - tl.load(entropy_ptr + row) * LOG2E
+            mean_z = lse_u - tl.load(entropy_ptr + row) * LOG2E_K
         else:
             mean_z = lse_u - tl.load(entropy_ptr + row)
     row_ptr = logits_ptr + (row // rows_inner) * stride_logits_outer + (row % rows_inner) * stride_logits_row
@@ -126,7 +126,7 @@ def _token_logprobs_bwd_kernel(
         d = g * (tl.where(cols == target, 1.0, 0.0) - p)
         if HAS_GRAD_ENTROPY:
             if LOG2:  # d/dz of H in log2 units of z: times ln 2
-                d -= h * tl.where(p > 0, p * (z - mean_z), 0.0) * LN2
+                d -= h * tl.where(p > 0, p * (z - mean_z), 0.0) * LN2_K
             else:
                 d -= h * tl.where(p > 0, p * (z - mean_z), 0.0)
         if LOG2:

@@ -57,18 +57,6 @@ def launch_config(kind: str, head_dim: int) -> tuple[int, int, dict]:
     return bm, bn, {"num_warps": warps, "num_stages": stages}
 
 
-def _blocks() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the forward at head dim 128 (kept for callers of the v1 API)."""
-    bm, bn, _ = launch_config("fwd", 128)
-    return bm, bn
-
-
-# v1 launch options at 64 x 64 x head dim 128 on sm_90 (ahead-of-time compile, cuobjdump): forward 4 warps
-# 202 registers, no spill; dK/dV 4 warps spills (176 B stack), 8 warps 238 registers, no spill. Not timed yet.
-FWD_OPTIONS = {"num_warps": 4, "num_stages": 2}
-BWD_OPTIONS = {"num_warps": 8, "num_stages": 2}
-
-
 @triton.jit
 def _tree_attn_bwd_delta_kernel(
     # pointers

@@ -1,5 +1,6 @@
-"""The pytest-benchmark suite (``bench/test_*.py``) collects and its correctness checks pass on
-tiny CPU shapes (timing disabled: ``--benchmark-disable`` runs each benchmarked call once)."""
+"""The benchmark harness (pytest-benchmark, ``bench/bench_<op>.py``) collects and its correctness
+checks pass on tiny CPU shapes (timing disabled: ``--benchmark-disable`` runs each benchmarked call
+once)."""
 
 import os
 import subprocess

@@ -2,10 +2,6 @@
 reference built from full logits, on both backends (triton through the interpreter on CPU)."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -534,85 +530,3 @@ def test_linear_token_logprobs_real_shape_on_gpu():
     keep = targets[:64] != -100
     assert_grad_close(h.grad[keep], h64.grad[keep], torch.bfloat16, "d hidden")
     assert_grad_close(w.grad, w64.grad, torch.bfloat16, "d weight")
-
-
-# Compiles the bf16 kernels for sm_90 in a fresh interpreter (the test session runs Triton in
-# interpreter mode, where ``@triton.jit`` functions cannot be compiled), with the argument
-# specializations a real launch at D=2048, V=151936 gets (16-divisible pointers and sizes).
-# Prints one line per kernel: shared memory and ptxas' resource usage (registers, stack).
-AOT_SCRIPT = r"""
-import os, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from cepo_kernels.triton import linear_logprobs as L
-
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-cfg = L.config(torch.bfloat16)
-P = "*bf16"
-
-def compile_one(label, fn, ptrs, constexprs, num_warps, num_stages, floats=()):
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-            continue
-        sig[name] = ptrs.get(name, "fp32" if name in floats else "i32")
-        if sig[name].startswith("*") or (sig[name] == "i32" and name != "ignore_index"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
-    usage = ""
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        usage = " ".join(x.strip() for x in out.splitlines() if "REG" in x)
-    print(f"KERNEL {label} shared={k.metadata.shared} {usage}")
-
-fwd_ptrs = {n: P for n in ("h0_ptr", "h1_ptr", "h2_ptr", "w_ptr")}
-fwd_ptrs.update({n: "*fp32" for n in ("b_ptr", "part_m_ptr", "part_s_ptr", "part_a_ptr", "zt_ptr")})
-fwd_ptrs["targets_ptr"] = "*i64"
-tiles = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, UPCAST=False, PRECISION="tf32")
-for ns, ent in ((1, True), (3, False)):
-    compile_one(f"fwd_streams{ns}", L._linear_lse_fwd_kernel, fwd_ptrs,
-                dict(NUM_STREAMS=ns, HAS_BIAS=True, COMPUTE_ENTROPY=ent, SPLIT_V=cfg.split_v, **tiles),
-                cfg.num_warps, cfg.num_stages, floats=("inv_temperature",))
-grad_ptrs = {"h_ptr": P, "w_ptr": P, "g_ptr": P, "targets_ptr": "*i64"}
-grad_ptrs.update({n: "*fp32" for n in ("b_ptr", "lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr")})
-compile_one("grad_logits", L._linear_grad_logits_kernel, grad_ptrs,
-            dict(HAS_BIAS=True, HAS_GRAD_LOGP=True, HAS_GRAD_ENTROPY=True, **tiles),
-            cfg.num_warps, cfg.num_stages, floats=("inv_temperature",))
-mm = dict(BLOCK_M=cfg.mm_block, BLOCK_P=cfg.mm_block, BLOCK_K=cfg.mm_block_k, UPCAST=False, PRECISION="tf32")
-compile_one("matmul_dh", L._matmul_kernel, {"a_ptr": P, "b_ptr": P, "c_ptr": "*fp32"},
-            dict(stride_ak=1, stride_bp=1, stride_cp=1, ACCUMULATE=True, **mm), cfg.num_warps, cfg.num_stages)
-compile_one("matmul_dw", L._matmul_kernel, {"a_ptr": P, "b_ptr": P, "c_ptr": P},
-            dict(stride_am=1, stride_bp=1, stride_cp=1, ACCUMULATE=False, **mm), cfg.num_warps, cfg.num_stages)
-def fp32_ptrs(fn):
-    return {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")} | {"targets_ptr": "*i64"}
-compile_one("combine", L._linear_logprobs_combine_kernel, fp32_ptrs(L._linear_logprobs_combine_kernel),
-            dict(COMPUTE_ENTROPY=True, BLOCK=L.COMBINE_BLOCK), 4, 1)
-compile_one("contrastive_combine", L._linear_contrastive_combine_kernel,
-            fp32_ptrs(L._linear_contrastive_combine_kernel),
-            dict(HAS_POLICY=True, FIRST=1, BLOCK=L.COMBINE_BLOCK), 4, 1, floats=("lam", "eps_w"))
-"""
-
-
-@pytest.mark.slow
-def test_linear_logprobs_kernels_compile_for_sm90():
-    """The GPU path compiles for an H100 (sm_90) on a CPU-only machine: every kernel through
-    Triton and ptxas, within the 227 KiB of shared memory a block may use."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    if run.returncode != 0 and ("ptxas" in run.stderr and "not found" in run.stderr.lower()):
-        pytest.skip("Triton's bundled ptxas is missing")
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [x for x in run.stdout.splitlines() if x.startswith("KERNEL")]
-    print("\n".join(lines))
-    assert len(lines) == 7, run.stdout
-    for line in lines:
-        shared = int(line.split("shared=")[1].split()[0])
-        assert shared <= 227 * 1024, line

@@ -261,8 +261,8 @@ class CEPOTrainer(GRPOTrainer):
         output["advantages"], stats = self._cepo_advantages(inputs, output, lam)
         stats["cepo/teacher_time"] = time.perf_counter() - t0
         device = self.accelerator.device
-        for name in sorted(stats):  # the same order on every process
-            value = torch.tensor([stats[name]], dtype=torch.float32, device=device)
+        for name in sorted(set(gather_object(list(stats)))):  # the same names, in the same order, everywhere
+            value = torch.tensor([stats.get(name, math.nan)], dtype=torch.float32, device=device)
             self._metrics["train"][name].append(torch.nanmean(self.accelerator.gather(value)).item())
         return output
 
@@ -343,6 +343,7 @@ class CEPOTrainer(GRPOTrainer):
             cfg.algorithm.eps_w, cfg.algorithm.reject_threshold,
         )  # fmt: skip
         stats["cepo/teacher_tokens"] = float(streams.tokens)
+        stats["cepo/packed"] = float(experience.packed)
         if choices is not None:
             with_rejected = sum(c.reason != "no_rejected" for c in choices)
             stats["cepo/no_rejected_frac"] = sum(c.reason == "no_rejected" for c in choices) / len(choices)

@@ -60,6 +60,12 @@ def digits(completions, **kwargs) -> list[float]:
     return [sum(ch.isdigit() for ch in c[0]["content"][:8]) / 8.0 for c in completions]
 
 
+def large_solved(completions, answer, **kwargs) -> list[float]:
+    """1 for every completion of prompts whose answer exceeds 15 (groups without a rejected
+    completion), else :func:`digits`."""
+    return [1.0 if int(a) > 15 else d for a, d in zip(answer, digits(completions))]
+
+
 def config(tmp_path, trainer_cls=CEPOTrainer, **kw):
     base = dict(
         output_dir=str(tmp_path / "run"),
@@ -81,12 +87,12 @@ def config(tmp_path, trainer_cls=CEPOTrainer, **kw):
     return GRPOConfig(**{**base, **kw})
 
 
-def trainer(assets, args, cls=CEPOTrainer, **kw):
+def trainer(assets, args, cls=CEPOTrainer, reward=digits, **kw):
     model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
     return cls(
         model=model,
-        reward_funcs=digits,
+        reward_funcs=reward,
         args=args,
         train_dataset=dataset(assets["train"]),
         processing_class=tokenizer,
@@ -123,6 +129,16 @@ class Recording(CEPOTrainer):
     plain forwards run on ``self.reference``, a separate copy of the weights outside TRL's bf16
     autocast (the teacher pass runs in the model's own dtype)."""
 
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        self.order = [  # generation order, before TRL shuffles the rows: r- ties go to the earliest
+            (tuple(p[pm.bool()].tolist()), tuple(c[cm.bool()].tolist()))
+            for p, pm, c, cm in zip(
+                output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
+            )
+        ]
+        return output
+
     def _compute_loss(self, model, inputs):
         self.recorded.append(expected_advantages(self, inputs))
         return super()._compute_loss(model, inputs)
@@ -142,13 +158,17 @@ def expected_advantages(trainer, inputs) -> tuple[torch.Tensor, torch.Tensor, to
     groups: dict[tuple, list[int]] = {}
     for b, (prompt, _, _) in enumerate(rows):
         groups.setdefault(tuple(prompt), []).append(b)
+    for members in groups.values():
+        members.sort(key=lambda b: trainer.order.index((tuple(rows[b][0]), tuple(rows[b][1]))))
     assert all(len(v) == G for v in groups.values())
     answers = trainer.answers
     T = inputs["completion_ids"].shape[1]
     want = torch.zeros(len(rows), T, dtype=torch.float64)
     reasons = []
     for prompt, members in groups.items():
-        rewards = torch.tensor(digits([[{"content": rows[b][2]}] for b in members]), dtype=torch.float64)
+        completions = [[{"role": "assistant", "content": rows[b][2]}] for b in members]
+        rewards = trainer.reward_funcs[0](completions=completions, answer=[answers[prompt]] * len(members))
+        rewards = torch.tensor(rewards, dtype=torch.float64)
         seq_adv = (rewards - rewards.mean()) / (rewards.std() + 1e-4)  # TRL's scale_rewards="group"
         choice = select_negatives(rewards.tolist(), [rows[b][2] for b in members], G, args.cepo_reject_threshold)[0]
         reasons.append(choice.reason)
@@ -156,6 +176,9 @@ def expected_advantages(trainer, inputs) -> tuple[torch.Tensor, torch.Tensor, to
         for b, a in zip(members, seq_adv):
             y = rows[b][1]
             pos = plain_logprobs(model, list(prompt) + teacher, y, args.temperature)
+            if args.cepo_algorithm == "cepo" and choice.reason == "no_rejected" and args.cepo_no_rejected == "grpo":
+                want[b, : len(y)] = a  # the negative is r+ itself: A_t = A exactly
+                continue
             if args.cepo_algorithm == "cepo" and choice.reason == "ok":
                 r_minus = tok(TEMPLATE.format(answer=choice.answer), add_special_tokens=False)["input_ids"]
                 neg = plain_logprobs(model, list(prompt) + r_minus, y, args.temperature)
@@ -176,13 +199,20 @@ def answers_by_prompt_ids(tokenizer, data: Dataset) -> dict[tuple, str]:
 
 
 @pytest.mark.parametrize(
-    "algorithm,packing",
-    [("cepo", "true"), ("cepo", "false"), ("rlsd", "true")],
-    ids=["cepo-packed", "cepo-padded", "rlsd-packed"],
+    "algorithm,packing,extra",
+    [
+        ("cepo", "true", {}),
+        ("cepo", "false", {}),
+        ("rlsd", "true", {}),
+        ("cepo", "true", {"cepo_no_rejected": "grpo", "reward": large_solved}),
+    ],
+    ids=["cepo-packed", "cepo-padded", "rlsd-packed", "cepo-no-rejected-grpo"],
 )
-def test_advantages_equal_contrastive_advantage_of_plain_forwards(assets, tmp_path, algorithm, packing):
-    args = config(tmp_path, cepo_algorithm=algorithm, cepo_packing=packing, cepo_lam=0.7, cepo_eps_w=0.3)
-    t = trainer(assets, args, Recording)
+def test_advantages_equal_contrastive_advantage_of_plain_forwards(assets, tmp_path, algorithm, packing, extra):
+    extra = dict(extra)
+    reward = extra.pop("reward", digits)
+    args = config(tmp_path, cepo_algorithm=algorithm, cepo_packing=packing, cepo_lam=0.7, cepo_eps_w=0.3, **extra)
+    t = trainer(assets, args, Recording, reward=reward)
     t.recorded, t.answers = [], answers_by_prompt_ids(t.processing_class, t.train_dataset)
     t.reference = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
     t.train()
@@ -195,6 +225,8 @@ def test_advantages_equal_contrastive_advantage_of_plain_forwards(assets, tmp_pa
         reasons += why
     if algorithm == "cepo":
         assert "ok" in reasons, reasons  # some group used an r- context
+    if reward is large_solved:
+        assert "no_rejected" in reasons, reasons  # and some had no rejected completion: A_t = A
     logs = [h for h in t.state.log_history if "loss" in h]
     for key in ("cepo/lam", "cepo/delta_mean_wrong", "cepo/clipped_weight_frac", "cepo/teacher_time"):
         assert key in logs[0], sorted(logs[0])

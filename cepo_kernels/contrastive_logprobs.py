@@ -52,6 +52,24 @@ def prepare_contrastive_inputs(targets, advantages, mask, ignore_index, dtype):
     return flat_targets, a_tok.reshape(-1), sign.reshape(-1), keep.reshape(-1)
 
 
+def flat_rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``(..., W)`` as ``(N, W)`` with a contiguous last dim (a view when it can be); None stays None."""
+    if x is None:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def shaped_results(outs, token_shape, bad) -> ContrastiveLogprobs:
+    """The flat ``(policy or None, pos, neg, weights, advantages)`` of a backend in the targets'
+    shape, with NaN log-probs at out-of-range targets (weights and advantages already treat them
+    as masked)."""
+    outs = [o.view(token_shape) if o is not None else None for o in outs]
+    for i in range(3):
+        outs[i] = _validate.mark_bad(outs[i], bad)
+    return ContrastiveLogprobs(*outs)
+
+
 def check_contrastive_options(targets, advantages, mask, lam, eps_w, temperature):
     """The checks shared by the logits and hidden-state contrastive ops; returns ``(lam, eps_w,
     temperature, mask as bool or None)``."""
@@ -125,18 +143,9 @@ def contrastive_logprobs(
     dtype = accumulation_dtype(*tensors) if chosen == "torch" else torch.float32
     flat_targets, a_tok, sign, keep = prepare_contrastive_inputs(targets, advantages, mask, ignore_index, dtype)
 
-    def flat(logits):
-        if logits is None:
-            return None
-        x = logits.reshape(-1, vocab)
-        return x if x.stride(-1) == 1 else x.contiguous()
-
     forward = _forward_impl(chosen)
     outs = forward(
-        flat(policy_logits), flat(pos_logits), flat(neg_logits), flat_targets, a_tok, sign, keep,
+        flat_rows(policy_logits), flat_rows(pos_logits), flat_rows(neg_logits), flat_targets, a_tok, sign, keep,
         lam, eps_w, temperature, int(ignore_index),
     )  # fmt: skip
-    outs = [o.view(token_shape) if o is not None else None for o in outs]
-    for i in range(3):  # the log-prob streams; weights and advantages already treat bad as masked
-        outs[i] = _validate.mark_bad(outs[i], bad)
-    return ContrastiveLogprobs(*outs)
+    return shaped_results(outs, token_shape, bad)

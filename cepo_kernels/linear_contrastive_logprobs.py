@@ -14,7 +14,9 @@ from cepo_kernels import _autocast, _dispatch, _validate
 from cepo_kernels.contrastive_logprobs import (
     ContrastiveLogprobs,
     check_contrastive_options,
+    flat_rows,
     prepare_contrastive_inputs,
+    shaped_results,
 )
 from cepo_kernels.linear_token_logprobs import check_head
 from cepo_kernels.reference.contrastive_advantage import accumulation_dtype
@@ -107,21 +109,12 @@ def linear_contrastive_logprobs(
     dtype = accumulation_dtype(*tensors) if chosen == "torch" else torch.float32
     flat_targets, a_tok, sign, keep = prepare_contrastive_inputs(targets, advantages, mask, ignore_index, dtype)
 
-    def flat(hidden):
-        if hidden is None:
-            return None
-        x = hidden.reshape(-1, hidden.shape[-1])
-        return x if x.stride(-1) == 1 else x.contiguous()
-
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     b = None if bias is None else bias.contiguous()
     forward = _forward_impl(chosen)
     with _autocast.disabled(weight.device.type):
         outs = forward(
-            flat(policy_hidden), flat(pos_hidden), flat(neg_hidden), w, b, flat_targets, a_tok, sign, keep,
-            lam, eps_w, temperature, int(ignore_index),
+            flat_rows(policy_hidden), flat_rows(pos_hidden), flat_rows(neg_hidden), w, b, flat_targets, a_tok, sign,
+            keep, lam, eps_w, temperature, int(ignore_index),
         )  # fmt: skip
-    outs = [o.view(token_shape) if o is not None else None for o in outs]
-    for i in range(3):  # the log-prob streams; weights and advantages already treat bad as masked
-        outs[i] = _validate.mark_bad(outs[i], bad)
-    return ContrastiveLogprobs(*outs)
+    return shaped_results(outs, token_shape, bad)

@@ -13,7 +13,9 @@ import cepo_kernels as ck
 from cepo_kernels.tree_attention import tree_layout
 
 
-def _inputs(seed=0, b=2, t=5, v=37, d=8):
+def inputs(seed=0, b=2, t=5, v=37, d=8):
+    """Three logits and three hidden streams ``(b, t, ·)``, a head ``(v, d)``, targets ``(b, t)``,
+    advantages ``(b,)``."""
     g = torch.Generator().manual_seed(seed)
     logits = [torch.randn(b, t, v, generator=g) for _ in range(3)]
     hidden = [torch.randn(b, t, d, generator=g) for _ in range(3)]
@@ -37,7 +39,7 @@ def _same_as_eager(fn, leaves, atol=1e-6):
 
 
 def token_logprobs_first_call(backend: str = "auto") -> None:
-    logits, _, _, targets, _ = _inputs(1)
+    logits, _, _, targets, _ = inputs(1)
     x = logits[0].clone().requires_grad_()
 
     def step(x_):
@@ -48,7 +50,7 @@ def token_logprobs_first_call(backend: str = "auto") -> None:
 
 
 def linear_token_logprobs_first_call(backend: str = "auto") -> None:
-    _, hidden, weight, targets, _ = _inputs(2)
+    _, hidden, weight, targets, _ = inputs(2)
     leaves = [hidden[0].clone().requires_grad_(), weight.clone().requires_grad_()]
 
     def step(h, w):
@@ -85,7 +87,7 @@ def cuda_token_logprobs_first_call() -> None:
 def public_ops_first_call() -> None:
     """Every public op inside one ``torch.compile(fullgraph=True)`` function (no graph break, no
     host sync), forward and backward, equal to eager."""
-    logits, hidden, weight, targets, adv = _inputs(3)
+    logits, hidden, weight, targets, adv = inputs(3)
     mask = (torch.arange(5) < 4).expand(2, 5).float()  # a float mask, as TRL passes it
     layout = tree_layout(torch.tensor([[0, 3, 7]]), torch.tensor([[3, 4, 1]]), torch.tensor([[-1, 0, 0]]), 9)
     g = torch.Generator().manual_seed(4)

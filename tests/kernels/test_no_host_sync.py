@@ -4,21 +4,11 @@ public op, each as the first call of a fresh process: ``test_torch_compile.py``.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import cepo_kernels as ck
-
-
-def _inputs(seed=0, b=2, t=5, v=37, d=8):
-    g = torch.Generator().manual_seed(seed)
-    logits = [torch.randn(b, t, v, generator=g) for _ in range(3)]
-    hidden = [torch.randn(b, t, d, generator=g) for _ in range(3)]
-    weight = torch.randn(v, d, generator=g) / math.sqrt(d)
-    targets = torch.randint(0, v, (b, t), generator=g)
-    return logits, hidden, weight, targets, torch.randn(b, generator=g)
+from tests.kernels.compile_cases import inputs as _inputs
 
 
 def test_validate_defaults_to_on_for_cpu_and_can_be_turned_off():

@@ -28,9 +28,16 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument(
+        "--local_rank", "--local-rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )
     parser = _Parser(prog="cepo", description="CEPO / RLSD / GRPO fine-tuning on DeepSpeed")
     # its own dest: a subcommand's default would overwrite `cepo --debug train ...`
     parser.add_argument("--debug", dest="debug_top", action="store_true", help="show the full traceback of an error")
+    # the `deepspeed` launcher starts `python -m cepo.cli --local_rank=N train ...` (it also sets LOCAL_RANK)
+    parser.add_argument(
+        "--local_rank", "--local-rank", dest="local_rank_top", type=int, default=None, help=argparse.SUPPRESS
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser(
@@ -147,9 +154,20 @@ def _finish_distributed() -> None:
         pass
 
 
+def _local_rank(args) -> None:
+    """``--local_rank N`` (from the ``deepspeed`` launcher) becomes ``LOCAL_RANK`` unless that is set."""
+    value = args.local_rank if getattr(args, "local_rank", None) is not None else args.local_rank_top
+    if value is None:
+        return
+    if value < 0:
+        raise SystemExit(f"cepo {args.command}: error: --local_rank: expected >= 0, got {value}")
+    os.environ.setdefault("LOCAL_RANK", str(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    _local_rank(args)
     debug = args.debug or args.debug_top or os.environ.get("CEPO_DEBUG", "") not in ("", "0")
     try:
         return _run(args)
@@ -159,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         _finish_distributed()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"cepo {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from cepo.engine import DistributedSetupError
+
+        if debug or not isinstance(exc, DistributedSetupError):
+            raise
+        print(f"cepo {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cepo {args.command}: interrupted", file=sys.stderr)

@@ -108,6 +108,9 @@ class EngineConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO 0-3: 2 for multi-GPU full fine-tuning
     precision: str = "fp32"  # "fp32" or "bf16" (mixed precision by DeepSpeed)
     dist_backend: str | None = None  # None: nccl on GPUs, gloo on CPUs
+    dist_timeout_s: float = 1800.0  # gloo/NCCL timeout: a missing rank or dead node fails after this, never hangs
+    offload_optimizer: bool = False  # ZeRO >= 1: Adam state, master weights and gradients in CPU memory
+    offload_param: bool = False  # ZeRO-3: parameter partitions in CPU memory (docs/scale_out.md: the cost)
 
 
 @dataclass
@@ -176,6 +179,12 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"engine.zero_stage: expected 0, 1, 2 or 3, got {cfg.engine.zero_stage!r}")
+    if not cfg.engine.dist_timeout_s > 0:
+        raise ValueError(f"engine.dist_timeout_s: expected > 0 seconds, got {cfg.engine.dist_timeout_s!r}")
+    if cfg.engine.offload_optimizer and cfg.engine.zero_stage == 0:
+        raise ValueError("engine.offload_optimizer: needs engine.zero_stage >= 1 (the optimizer state is ZeRO's)")
+    if cfg.engine.offload_param and cfg.engine.zero_stage != 3:
+        raise ValueError("engine.offload_param: needs engine.zero_stage=3 (only stage 3 partitions the parameters)")
     for name in (
         "rollout.prompts_per_step",
         "rollout.group_size",

@@ -116,7 +116,8 @@ def setup_distributed(dist_backend: str | None = None, timeout_s: float | None =
             raise _rendezvous_error(exc, timeout_s) from exc
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        # srun binding one GPU per task leaves each task a single visible device: device 0
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
@@ -212,7 +213,15 @@ def ds_config(cfg, grad_accum: int) -> dict:
     zero = {"stage": cfg.engine.zero_stage}
     if cfg.engine.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    pin = torch.cuda.is_available()  # pinned host memory speeds up the copies to and from a GPU
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.engine.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return {
+        # with offload, keep our AdamW (skips non-finite steps) on the CPU tensors instead of
+        # requiring DeepSpeed's compiled DeepSpeedCPUAdam
+        "zero_force_ds_cpu_optimizer": False,
         "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,

@@ -68,11 +68,81 @@ def causal_lm(model):
 def head_logprobs(model, fn: Callable, hidden: tuple, *args, **kwargs):
     """Every LM-head log-prob call of the scoring and update passes goes through here:
     ``fn(*hidden, W, *args, bias=b, **kwargs)`` with the head's weight ``W`` ``(V, D)`` and bias,
-    ``fn`` being ``linear_token_logprobs`` or ``linear_contrastive_logprobs``."""
+    ``fn`` being ``linear_token_logprobs`` or ``linear_contrastive_logprobs``.
+
+    ``fn`` runs AS the head module's forward (installed for this call, the weight read inside), and
+    the module is called with the hidden states: under ZeRO-3 DeepSpeed gathers the partitioned
+    weight around the head's forward and again around its backward (where ``fn`` recomputes the
+    logits from it), as for an ordinary ``nn.Linear`` head, tied or not."""
     head = causal_lm(model).get_output_embeddings()
     if head is None:
         raise ValueError("model: has no output embeddings (LM head)")
-    return fn(*hidden, head.weight, *args, bias=getattr(head, "bias", None), **kwargs)
+
+    def forward(*h):
+        return fn(*h, head.weight, *args, bias=getattr(head, "bias", None), **kwargs)
+
+    own = head.__dict__.get("forward")  # None: the class's forward
+    head.forward = forward
+    try:
+        return head(*hidden)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def through_engine(model, fn: Callable, *args, **kwargs):
+    """``fn(module, *args, **kwargs)`` run inside ``model.forward`` when ``model`` is a DeepSpeed
+    engine and grad is enabled (forward redirection); else ``fn(model, ...)`` directly.
+
+    ZeRO-3 advances its gradient-accumulation micro-step only inside ``DeepSpeedEngine.forward``;
+    a gradient pass that calls the decoder directly keeps only the last micro-batch's gradients,
+    silently. So ``engine.module.forward`` is replaced for one call by a closure that restores it
+    and runs ``fn`` on the module, and the engine is called."""
+    inner = getattr(model, "module", None)
+    if inner is None or not torch.is_grad_enabled() or not hasattr(model, "zero_optimization_stage"):
+        return fn(model, *args, **kwargs)
+    own = inner.__dict__.get("forward")
+
+    def restore():
+        if own is None:
+            inner.__dict__.pop("forward", None)
+        else:
+            inner.forward = own
+
+    def redirected(*_a, **_k):
+        restore()
+        return fn(inner, *args, **kwargs)
+
+    inner.forward = redirected
+    try:
+        return model()
+    finally:
+        restore()
+
+
+def agreed_count(n: int) -> int:
+    """The largest ``n`` over the ranks: every ZeRO-3 forward all-gathers, so every rank must run
+    as many forwards as the others (one fewer hangs them)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return n
+    count = torch.tensor([n], dtype=torch.long, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
+def split_to(runs: list[list[int]], count: int) -> list[list[int]]:
+    """``runs`` with the longest run halved until there are ``count`` (each run keeps >= 1 group;
+    every rank holds as many groups as the others, so ``count`` is always reachable)."""
+    runs = list(runs)
+    while len(runs) < count:
+        i = max(range(len(runs)), key=lambda j: len(runs[j]))
+        if len(runs[i]) < 2:
+            raise RuntimeError(f"cannot split {len(runs)} packs into {count}: a rank holds fewer groups")
+        half = len(runs[i]) // 2
+        runs[i : i + 1] = [runs[i][:half], runs[i][half:]]
+    return runs
 
 
 def accumulate_dtype(model) -> torch.dtype:
@@ -301,8 +371,10 @@ class PackedPasses:
         mask = torch.zeros(B, R, dtype=torch.bool)
         tokens = 0
         temperature, eps_w = self.cfg.rollout.temperature, self.cfg.algorithm.eps_w
+        runs = self.split([g.packed_size(contexts) for g in groups])
+        runs = split_to(runs, agreed_count(len(runs)))  # the same number of forwards on every rank
         with torch.no_grad():
-            for run in self.split([g.packed_size(contexts) for g in groups]):
+            for run in runs:
                 packed = self.pack([groups[i] for i in run], contexts, R)
                 tokens += packed.tokens
                 rows = slice(run[0] * G, (run[-1] + 1) * G)
@@ -357,15 +429,8 @@ class PackedPasses:
         G, R = rollouts.group_size, rollouts.width
         groups = [Group(rollouts.prompts[g], rollouts.responses[g * G : (g + 1) * G]) for g in group_ids]
         runs = self.split([g.packed_size(("policy",)) for g in groups])
-        if agree and dist.is_initialized() and dist.get_world_size() > 1:
-            count = torch.tensor([len(runs)], dtype=torch.long)
-            if torch.cuda.is_available():
-                count = count.cuda()
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
-            while len(runs) < int(count.item()):  # split the run with the most groups
-                i = max(range(len(runs)), key=lambda j: len(runs[j]))
-                half = len(runs[i]) // 2
-                runs[i : i + 1] = [runs[i][:half], runs[i][half:]]
+        if agree:
+            runs = split_to(runs, agreed_count(len(runs)))
         first = group_ids[0]
         out = []
         for run in runs:
@@ -375,7 +440,11 @@ class PackedPasses:
 
     def policy_logprobs(self, model, mb: MicroBatch, *, return_entropy: bool = True):
         """``(logp, entropy or None, mask)``, each ``(b, R)`` on the compute device, differentiable
-        when grad is enabled; ``model`` is the engine (or any causal LM)."""
+        when grad is enabled; ``model`` is the engine (or any causal LM): a gradient pass runs
+        inside the engine's forward (:func:`through_engine`)."""
+        return through_engine(model, self._policy_logprobs, mb, return_entropy=return_entropy)
+
+    def _policy_logprobs(self, model, mb: MicroBatch, *, return_entropy: bool = True):
         keep, tgt, hidden = self.gather(model, mb.inputs)
         res = head_logprobs(
             model, linear_token_logprobs, (hidden["policy"],), tgt, temperature=self.cfg.rollout.temperature,
@@ -456,6 +525,9 @@ class PaddedPasses:
         return out
 
     def policy_logprobs(self, model, mb: MicroBatch, *, return_entropy: bool = True):
+        return through_engine(model, self._policy_logprobs, mb, return_entropy=return_entropy)
+
+    def _policy_logprobs(self, model, mb: MicroBatch, *, return_entropy: bool = True):
         batch = mb.inputs.to(self.device)
         res = forward_logprobs(
             model, batch, temperature=self.cfg.rollout.temperature, backend=self.backend,
@@ -472,11 +544,6 @@ def packing_unavailable(cfg, model) -> str | None:
     reason = hf_attention.supports(lm)
     if reason:
         return reason
-    if cfg.engine.zero_stage == 3:
-        return (
-            "engine.zero_stage=3 partitions the LM-head weight outside the model's forward, and the packed "
-            "passes read it directly; use zero_stage <= 2"
-        )
     head = lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear (e.g. LoRA on lm_head)"
@@ -487,8 +554,6 @@ def fused_head_unavailable(cfg, model) -> str | None:
     """Why the padded passes must compute log-probs from the logits (``None``: the fused LM head)."""
     if cfg.scoring.kernel_backend == "cuda":
         return "scoring.kernel_backend=cuda: the CUDA extension has the logits ops only"
-    if cfg.engine.zero_stage == 3:
-        return "engine.zero_stage=3 partitions the LM-head weight outside the model's forward"
     head = causal_lm(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear"

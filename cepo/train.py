@@ -123,7 +123,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         self.cfg = cfg
         check_train_paths(cfg)  # one clear error before transformers reads a missing path as a hub repo id
-        self.rank, self.world, self.device = setup_distributed(cfg.engine.dist_backend)
+        self.rank, self.world, self.device = setup_distributed(cfg.engine.dist_backend, cfg.engine.dist_timeout_s)
         random.seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
         torch.manual_seed(cfg.seed)

@@ -27,6 +27,7 @@ class ModelConfig:
     lora_r: int = 16  # adapter rank: small ranks suffice for RL updates
     lora_alpha: int = 32  # scale = alpha / r, the usual 2x
     lora_dropout: float = 0.0  # dropout changes log-probs between passes: off for RL
+    freeze_vision: bool = True  # VL models: the vision tower is not trained (LoRA never targets it)
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # every linear layer of a Qwen/Llama block
@@ -42,6 +43,9 @@ class DataConfig:
     system_prompt: str | None = None  # optional system message for the chat template
     max_prompt_tokens: int = 512  # longer prompts are dropped (and counted), not truncated
     eval_limit: int | None = None  # evaluate on the first N held-out rows (None: all)
+    image_field: str = "images"  # VL models: column of each row's images (EasyR1: paths, PNG/JPEG bytes)
+    min_pixels: int = 262144  # VL models: images are resized onto the patch grid with at least this area
+    max_pixels: int = 4194304  # ... and at most this area (EasyR1 / the reference code's defaults)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class AlgorithmConfig:
     reject_threshold: float = 0.5  # a rollout with reward below this is "rejected"
     no_rejected: str = "rlsd"  # group without a rejected rollout: "rlsd" (paper) or "grpo" (reference code)
     teacher_template: str = "\nReference answer: {answer}\n"  # inserted after the prompt for teacher passes
+    teacher_image: str = "keep"  # VL models: "keep" (teachers see the image) or "drop" (the reference code's teacher)
 
 
 @dataclass
@@ -168,6 +173,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("algorithm.name", cfg.algorithm.name, ("grpo", "rlsd", "cepo"))
     _choice("algorithm.lam_schedule", cfg.algorithm.lam_schedule, ("linear", "cosine", "constant"))
     _choice("algorithm.no_rejected", cfg.algorithm.no_rejected, ("rlsd", "grpo"))
+    _choice("algorithm.teacher_image", cfg.algorithm.teacher_image, ("keep", "drop"))
     _choice("optim.loss_agg", cfg.optim.loss_agg, ("token_mean", "seq_mean"))
     cfg.scoring.packing = str(cfg.scoring.packing).lower()  # YAML reads `true` as a boolean
     _choice("scoring.packing", cfg.scoring.packing, ("auto", "true", "false"))

@@ -227,12 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="train this HF causal-LM directory instead of the tiny one")
     parser.add_argument(
         "--task",
-        choices=sorted(TASKS),
+        choices=[*sorted(TASKS), "vision"],
         default="default",
-        help="default: 2 operations; long: 4 operations, the decisive token (the boxed answer) late in the response",
+        help="default: 2 operations; long: 4 operations, the decisive token (the boxed answer) late in the response; "
+        "vision: visual arithmetic with a tiny Qwen3-VL (cepo/demo_vision.py, configs/demo_vision.yaml)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for the RL config")
     args = parser.parse_args(argv)
+    if args.task == "vision":
+        from cepo import demo_vision
+
+        return demo_vision.run(args)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     if args.model:  # any local transformers causal LM: only the data is made here

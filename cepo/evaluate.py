@@ -13,8 +13,9 @@ from cepo.rollout import HFGenerateBackend
 
 
 def accuracy(
-    model, tokenizer, examples, rollout_cfg, *, device, timeout_s: float = 5.0, synced_gpus: bool = False
-) -> float:
+    model, tokenizer, examples, rollout_cfg, *, device, timeout_s: float = 5.0, synced_gpus: bool = False,
+    images: list | None = None,
+) -> float:  # fmt: skip
     """Fraction of ``examples`` answered correctly with greedy decoding.
 
     Under torch.distributed each rank decodes its share (rows ``rank::world``) and the counts are
@@ -22,10 +23,12 @@ def accuracy(
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = examples[rank::world]
+    mine_images = None if images is None else images[rank::world]  # VL models: per example its patches
     backend = HFGenerateBackend(model, tokenizer, rollout_cfg, device=device, synced_gpus=synced_gpus, greedy=True)
     correct = 0
     if mine:
-        responses = backend.generate([ex.prompt_ids for ex in mine], 1, seed=0).tokens
+        kw = {} if mine_images is None else {"images": mine_images}
+        responses = backend.generate([ex.prompt_ids for ex in mine], 1, seed=0, **kw).tokens
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct = sum(math_correct(t, ex.answer, timeout_s) for t, ex in zip(texts, mine))
     counts = torch.tensor([float(correct), float(len(mine))])

@@ -45,6 +45,7 @@ class Rollouts:
     group_size: int
     rewards: torch.Tensor | None = None  # (P * G,) float32, set by the reward step
     sampler_logprobs: list[list[float]] | None = None  # per response token, from a sampler that reports them
+    vision: object = None  # VL models: a cepo.vision.StepVision (per-prompt images, the tower's cached output)
 
     @property
     def width(self) -> int:

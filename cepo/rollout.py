@@ -49,6 +49,11 @@ def build_rollout_backend(cfg, model, tokenizer, device, synced_gpus: bool = Fal
         return HFGenerateBackend(model, tokenizer, rcfg, device=device, synced_gpus=synced_gpus)
     if rcfg.backend != "vllm":
         raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {rcfg.backend!r}")
+    from cepo.vision import vllm_unavailable
+
+    reason = vllm_unavailable(cfg.model.path)  # vision-language models: HF generate only, for now
+    if reason:
+        raise ValueError(reason)
     from cepo.rollout_vllm import VLLMBackend
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -102,9 +107,12 @@ class HFGenerateBackend:
         self.model = model
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, seed: int) -> Samples:
+    def generate(self, prompts: list[list[int]], n: int, seed: int, images: list | None = None) -> Samples:
+        """``images``: VL models, per prompt its ``cepo.vision.ImageInputs`` (or None); vision
+        special tokens are never sampled."""
         torch.manual_seed(seed)
         rows = [p for p in prompts for _ in range(n)]
+        row_images = None if images is None else [x for x in images for _ in range(n)]
         out: list[list[int]] = []
         was_training = self.model.training
         self.model.eval()
@@ -118,6 +126,11 @@ class HFGenerateBackend:
                 if self.greedy
                 else dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0)
             )
+            if row_images is not None:
+                from cepo.vision import generate_kwargs
+
+                chunk_images = row_images[start : start + self.cfg.generation_batch_size]
+                kwargs.update(generate_kwargs(self.model, ids, chunk_images))
             gen = self.model.generate(
                 input_ids=ids,
                 attention_mask=attn,

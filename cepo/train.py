@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from cepo import checkpoint as ckpt
+from cepo import vision
 from cepo.advantages import lam_at
 from cepo.config import TrainConfig, load_config, save_config, to_dict
 from cepo.data import PromptStream, load_examples
@@ -132,10 +133,11 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.examples, self.dropped = load_examples(cfg.data.train_file, self.tokenizer, cfg.data)
+        self.processor = vision.processor_for(cfg)  # VL models: images onto the patch grid; None for text
+        self.examples, self.dropped = load_examples(cfg.data.train_file, self.tokenizer, cfg.data, self.processor)
         self.eval_examples = []
         if cfg.data.eval_file:
-            self.eval_examples, _ = load_examples(cfg.data.eval_file, self.tokenizer, cfg.data)
+            self.eval_examples, _ = load_examples(cfg.data.eval_file, self.tokenizer, cfg.data, self.processor)
             self.eval_examples = self.eval_examples[: cfg.data.eval_limit or None]
         self.reward = RewardModel(cfg.reward)
 
@@ -216,6 +218,8 @@ class Trainer:
         if samp is not None:  # rollout/logprob_diff(_max): |sampler - trainer old log-prob| over response tokens
             m.update(logprob_diff_metrics(scored.old_logp, samp, scored.mask))
         m.update({**scored.stats, **rstats, **t, "lam": lam})
+        if rollouts.vision is not None:  # patches through the vision tower this step (all passes)
+            m["tokens/vision"] = rollouts.vision.patches
         G = rollouts.group_size
         m["reward"] = rollouts.rewards.mean().item()
         m["response_length"] = scored.mask.sum(-1).float().mean().item()
@@ -230,9 +234,11 @@ class Trainer:
         mine = [
             self.examples[i] for i in idx[self.rank * self.prompts_per_rank : (self.rank + 1) * self.prompts_per_rank]
         ]
+        images = vision.examples_images(mine, self.processor, cfg.data)  # VL: per prompt (None: text)
         samples = self.rollout.generate(
-            [ex.prompt_ids for ex in mine], G, seed=cfg.seed * 1_000_003 + k * 7919 + self.rank
-        )
+            [ex.prompt_ids for ex in mine], G, seed=cfg.seed * 1_000_003 + k * 7919 + self.rank,
+            **({} if images is None else {"images": images}),
+        )  # fmt: skip
         return Rollouts(
             prompts=[list(ex.prompt_ids) for ex in mine],
             responses=samples.tokens,
@@ -241,6 +247,7 @@ class Trainer:
             questions=[ex.question for ex in mine],
             group_size=G,
             sampler_logprobs=samples.logprobs,
+            vision=vision.step_vision(self.engine.module, images),
         )
 
     def score_rewards(self, rollouts: Rollouts) -> dict:
@@ -327,6 +334,7 @@ class Trainer:
             device=self.device,
             timeout_s=self.cfg.reward.timeout_s,
             synced_gpus=self.synced,
+            images=vision.examples_images(self.eval_examples, self.processor, self.cfg.data),
         )
 
     def save(self, k: int) -> None:
@@ -374,6 +382,8 @@ class Trainer:
             bar.close()
         final = os.path.join(cfg.output_dir, "final")
         ckpt.save_hf(self.engine, self.tokenizer, final)
+        if self.processor is not None and self.rank == 0:  # VL: the image processor config travels with the model
+            vision.copy_processor_config(self.cfg.model.path, final)
         return {
             "evals": self.evals,
             "steps": self.step_done,

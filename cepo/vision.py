@@ -501,3 +501,222 @@ def example_images(images: tuple, processor: ImageProcessor, min_pixels: int, ma
     if not images:
         return None
     return processor.encode([resize_image(decode_image(v), processor.grid, min_pixels, max_pixels) for v in images])
+
+
+# ------------------------------------------------------------------------------------------ one step
+class StepVision:
+    """One step's images: per prompt ``g`` its :class:`ImageInputs` (or None), its root positions
+    and, when the vision tower is frozen, the tower's output computed once and reused by every pass
+    of the step (experience, reference, update). ``patches`` counts patches run through the tower
+    (``tokens/vision``)."""
+
+    def __init__(self, images: list[ImageInputs | None], image_token_id: int):
+        self.images, self.image_token_id = images, int(image_token_id)
+        self._roots: dict[tuple[int, bool], tuple[torch.Tensor, int] | None] = {}
+        self._features: dict[tuple[int, int], VisionFeatures] = {}
+        self.patches = 0
+        self.tower_calls = 0
+
+    def root(self, model, g: int, prompt_ids, *, with_image: bool = True) -> tuple[torch.Tensor, int] | None:
+        """Root-position entry (:func:`packed_positions`) of prompt ``g``; None for a text-only root."""
+        images = self.images[g] if with_image else None
+        if images is None:
+            return None
+        key = (g, with_image)
+        if key not in self._roots:
+            self._roots[key] = prompt_positions(model, prompt_ids, images)
+        return self._roots[key]
+
+    def features(self, model, g: int) -> VisionFeatures:
+        """The tower's output for prompt ``g``: cached (no grad) when the tower is frozen, else
+        computed anew (with grad when grad is enabled)."""
+        frozen = vision_frozen(model)
+        key = (g, id(vl_root(model).model.visual))  # the policy's and a reference's towers are cached apart
+        if frozen and key in self._features:
+            return self._features[key]
+        self.tower_calls += 1
+        self.patches += self.images[g].patches
+        if frozen:
+            with torch.no_grad():
+                feats = encode_images(model, self.images[g]).detach()
+            self._features[key] = feats
+            return feats
+        return encode_images(model, self.images[g])
+
+
+@dataclass
+class PackedVision:
+    """What a packed VL forward needs besides the table: per root segment (row-major) the prompt
+    index ``g`` and whether that root carries the image (False: ``teacher_image=drop``'s root)."""
+
+    step: StepVision
+    roots: list[tuple[int, bool]]
+    prompts: list  # prompt token ids per root
+
+    def hidden(self, model, table, backend: str = "auto") -> torch.Tensor:
+        entries, feats = [], []
+        for (g, with_image), ids in zip(self.roots, self.prompts):
+            entry = self.step.root(model, g, ids, with_image=with_image)
+            entries.append(entry)
+            if entry is not None:
+                feats.append(self.step.features(model, g))
+        return packed_vl_hidden(model, table, entries, feats, backend=backend)
+
+
+def padded_vl_hidden(model, input_ids, attention_mask, rows_images: list[ImageInputs | None]) -> torch.Tensor:
+    """Last hidden states ``(B, T, hidden)`` of an ordinary (padded, the model's own attention)
+    forward: row ``b`` is left-padded (``attention_mask``) and carries ``rows_images[b]``; 3-row
+    positions from :func:`prompt_positions` on the row's real tokens (image pads before any text
+    that follows them)."""
+    root = vl_root(model)
+    B, T = input_ids.shape
+    pos = torch.zeros(3, B, T, dtype=torch.long)
+    ids_cpu, attn_cpu = input_ids.cpu(), attention_mask.cpu().bool()
+    for b in range(B):
+        real = ids_cpu[b][attn_cpu[b]]
+        p, _ = prompt_positions(model, real.tolist(), rows_images[b])
+        pos[:, b, attn_cpu[b]] = p
+    present = [x for x in rows_images if x is not None]
+    kw = {}
+    if present:
+        dtype = next(root.model.visual.parameters()).dtype
+        kw["pixel_values"] = torch.cat([x.pixel_values for x in present]).to(input_ids.device, dtype)
+        kw["image_grid_thw"] = torch.cat([x.image_grid_thw for x in present]).to(input_ids.device)
+    out = root.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=pos.to(input_ids.device), use_cache=False, **kw
+    )
+    return out.last_hidden_state
+
+
+# ------------------------------------------------------------------------------------ trainer hooks
+def processor_for(cfg) -> ImageProcessor | None:
+    """The image processor of ``cfg.model.path`` when it is a vision-language model, else None."""
+    if not is_vl_dir(cfg.model.path):
+        return None
+    check_vl_type(model_type_of(cfg.model.path), f"model.path={cfg.model.path}")
+    return ImageProcessor.from_dir(cfg.model.path)
+
+
+def examples_images(examples, processor: ImageProcessor | None, data_cfg) -> list[ImageInputs | None] | None:
+    """Per example its patches (None without images); None for a text model (``processor`` None)."""
+    if processor is None:
+        return None
+    return [example_images(ex.images, processor, data_cfg.min_pixels, data_cfg.max_pixels) for ex in examples]
+
+
+def packing_unavailable(model) -> str | None:
+    """Why a VL model cannot run packed passes (None: it can)."""
+    lm = vl_root(model).model.language_model
+    if lm.config.model_type not in VL_TEXT_TYPES:
+        return f"tree attention supports VL text models {VL_TEXT_TYPES}, not {lm.config.model_type!r}"
+    if getattr(lm.config, "use_sliding_window", False):
+        return "sliding-window attention is not supported with tree attention"
+    return None
+
+
+def vllm_unavailable(model_path: str) -> str | None:
+    """Why ``rollout.backend=vllm`` cannot sample a VL model here (None: it can be tried)."""
+    if not is_vl_dir(model_path):
+        return None
+    if not torch.cuda.is_available():
+        return (
+            "rollout.backend=vllm: vLLM's Qwen2.5-VL / Qwen3-VL modules need torchvision, which has no build for "
+            "this CPU torch; use rollout.backend=hf (transformers generate with the images) on the CPU"
+        )
+    return (
+        "rollout.backend=vllm with a vision-language model is not implemented yet (multi_modal_data and the "
+        "vision weights in the weight push); use rollout.backend=hf"
+    )
+
+
+# ------------------------------------------------------------------------------- the scoring passes
+def pack_run(passes, rollouts, groups: list, prompt_idx: list[int], contexts: tuple[str, ...], width: int):
+    """Pack one run of groups of a VL step (``groups[k]`` is prompt ``prompt_idx[k]``'s) and attach
+    what the packed forward needs (``packed.vision``, a :class:`PackedVision`).
+
+    ``algorithm.teacher_image=drop`` with teacher contexts: each group becomes two trees, the
+    policy's ``prompt | G`` and the teachers' image-free ``prompt' | r+ | r- | 2G`` (image pads
+    replaced by the pad id, 1-D positions, no pixels); ``packed.rows_of[context]`` ``(b,)`` then
+    gives, per response, the packed response that carries that context."""
+    from cepo.packing import Group
+
+    step = rollouts.vision
+    drop = passes.cfg.algorithm.teacher_image == "drop" and any(c != "policy" for c in contexts)
+    if not drop:
+        packed = passes.pack(groups, contexts, width)
+        packed.vision = PackedVision(step, [(g, True) for g in prompt_idx], [grp.prompt for grp in groups])
+        return packed
+    split, roots, prompts = [], [], []
+    for grp, g in zip(groups, prompt_idx):
+        dropped = [passes.pad_id if t == step.image_token_id else t for t in grp.prompt]
+        teacher_ctx = tuple(c for c in (grp.contexts or contexts) if c != "policy")
+        split.append(Group(grp.prompt, grp.responses, contexts=("policy",)))
+        split.append(Group(dropped, grp.responses, grp.pos_answer, grp.neg_answer, contexts=teacher_ctx))
+        roots += [(g, True), (g, False)]
+        prompts += [grp.prompt, dropped]
+    packed = passes.pack(split, contexts, width)
+    packed.vision = PackedVision(step, roots, prompts)
+    policy_rows, teacher_rows = [], []
+    for k, grp in enumerate(groups):
+        a, b = packed.group_offsets[2 * k], packed.group_offsets[2 * k + 1]
+        policy_rows += range(a, a + len(grp.responses))
+        teacher_rows += range(b, b + len(grp.responses))
+    policy_t, teacher_t = torch.tensor(policy_rows), torch.tensor(teacher_rows)
+    packed.rows_of = {c: policy_t if c == "policy" else teacher_t for c in contexts}
+    return packed
+
+
+@dataclass
+class RowImages:
+    """A padded batch's images: ``rows[b]`` the :class:`ImageInputs` of row ``b`` (None: none);
+    ``step`` counts the patches the padded passes run through the tower."""
+
+    step: StepVision
+    rows: list
+
+    def __getitem__(self, sl: slice) -> RowImages:
+        return RowImages(self.step, self.rows[sl])
+
+
+def row_images(rollouts, rows: list[int] | slice | None = None, *, teacher: bool = False, drop: bool = False):
+    """:class:`RowImages` of rollout rows ``rows`` (default all); None for a text step. The
+    teachers' rows under ``teacher_image=drop`` carry no images."""
+    step = rollouts.vision
+    if step is None:
+        return None
+    per = rollouts.per_rollout(step.images)
+    picked = per[rows] if isinstance(rows, slice) else per if rows is None else [per[i] for i in rows]
+    if teacher and drop:
+        picked = [None] * len(picked)
+    return RowImages(step, list(picked))
+
+
+def teacher_prompts(rollouts, pad_id: int, drop: bool) -> list[list[int]]:
+    """Per rollout, the prompt the teacher passes extend: the policy's, or with ``drop`` the
+    image-free one (image pads replaced by ``pad_id``)."""
+    contexts = rollouts.contexts()
+    if not drop or rollouts.vision is None:
+        return contexts
+    image_id = rollouts.vision.image_token_id
+    return [[pad_id if t == image_id else t for t in c] for c in contexts]
+
+
+def padded_forward_hidden(model, input_ids, attention_mask, images: RowImages) -> torch.Tensor:
+    """:func:`padded_vl_hidden` of a padded batch, counting the patches run through the tower."""
+    images.step.patches += sum(x.patches for x in images.rows if x is not None)
+    images.step.tower_calls += sum(x is not None for x in images.rows)
+    return padded_vl_hidden(model, input_ids, attention_mask, images.rows)
+
+
+def step_vision(model, images: list[ImageInputs | None] | None) -> StepVision | None:
+    """A :class:`StepVision` for one step's prompts' images (None for a text step)."""
+    return None if images is None else StepVision(images, vl_root(model).config.image_token_id)
+
+
+def copy_processor_config(src: str, dst: str) -> None:
+    """Copy ``preprocessor_config.json`` (if any) from model directory ``src`` to ``dst``."""
+    import shutil
+
+    path = os.path.join(src, "preprocessor_config.json")
+    if os.path.isfile(path):
+        shutil.copy(path, os.path.join(dst, "preprocessor_config.json"))

@@ -269,3 +269,22 @@ def test_hub_layout_dir_loads_and_freezes_vision(tmp_path, tok):
         json.dump(conf, f)
     with pytest.raises(ValueError, match="'llava' is not supported; supported: qwen2_5_vl, qwen3_vl"):
         load_policy(cfg)
+
+
+def test_padded_vl_forward_matches_unshared(model64, tok):
+    """The padded oracle: left-padded rows with images of different sizes (and one image-free row)
+    through the model's own attention equal the unshared forwards."""
+    model = model64
+    groups, images = _groups(tok, model)
+    seqs = [list(groups[0].prompt) + list(groups[0].responses[0]), list(groups[1].prompt) + [50, 51],
+            vision.drop_image_ids(list(groups[1].prompt), model.config, tok.pad_token_id) + [52]]  # fmt: skip
+    rows_images = [images[0], images[1], None]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
+    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    with torch.no_grad():
+        hidden = vision.padded_vl_hidden(model, ids, attn, rows_images)
+        logits = model.lm_head(hidden)
+        for b, (s, x) in enumerate(zip(seqs, rows_images)):
+            ref = _unshared_logits(model, s, x)
+            torch.testing.assert_close(logits[b, width - len(s) :], ref, rtol=0, atol=1e-10)

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 import cepo_kernels
-from cepo import hf_attention
+from cepo import hf_attention, vision
 from cepo.advantages import Negative, contrastive_token_advantages
 from cepo.hf_attention import packed_forward, tree_mode
 from cepo.packing import CONTEXTS, Group, PackedGroups, pack_groups
@@ -202,15 +202,18 @@ class Batch:
     position_ids: torch.Tensor  # (B, C + R) int64, counting real tokens only (as generate does)
     targets: torch.Tensor  # (B, R) int64, -100 at padding
     mask: torch.Tensor  # (B, R) bool, True at response tokens
+    images: vision.RowImages | None = None  # VL models: each row's images
 
     def rows(self, sl: slice) -> Batch:
         return Batch(
-            self.input_ids[sl], self.attention_mask[sl], self.position_ids[sl], self.targets[sl], self.mask[sl]
-        )
+            self.input_ids[sl], self.attention_mask[sl], self.position_ids[sl], self.targets[sl], self.mask[sl],
+            None if self.images is None else self.images[sl],
+        )  # fmt: skip
 
     def to(self, device) -> Batch:
         return Batch(
-            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.mask))
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.targets, self.mask)),
+            self.images,
         )
 
 
@@ -255,6 +258,12 @@ def forward_logprobs(
     ``cepo_kernels.token_logprobs``.
     """
     r = batch.targets.shape[1]
+    if batch.images is not None:  # VL: pixels through the tower per row, 3-row positions (cepo.vision)
+        hidden = vision.padded_forward_hidden(causal_lm(model), batch.input_ids, batch.attention_mask, batch.images)
+        return head_logprobs(
+            model, linear_token_logprobs, (hidden[:, -(r + 1) : -1, :],), batch.targets, temperature=temperature,
+            return_entropy=return_entropy, backend=backend,
+        )  # fmt: skip
     if fused_head:
         hidden = (
             causal_lm(model)
@@ -321,6 +330,9 @@ class PackedPasses:
         attention (grad as the caller's mode)."""
         lm = causal_lm(model)
         table = packed.table.to(self.device)
+        if getattr(packed, "vision", None) is not None:  # VL: tower output + 3-row positions (cepo.vision)
+            hidden = packed.vision.hidden(lm, table, self.backend)
+            return hidden.reshape(-1, hidden.shape[-1])
         with tree_mode(lm):
             hidden = packed_forward(lm, table, backend=self.backend)
         return hidden.reshape(-1, hidden.shape[-1])
@@ -336,6 +348,10 @@ class PackedPasses:
         flat = self.forward_hidden(model, packed)
         targets = packed.targets(IGNORE).to(flat.device)
         idx = {c: packed.predict_index(c).to(flat.device) for c in packed.contexts}
+        rows_of = getattr(packed, "rows_of", None)  # teacher_image=drop: each context's copy of every response
+        if rows_of is not None:
+            targets = targets[rows_of["policy"].to(flat.device)]
+            idx = {c: index[rows_of[c].to(flat.device)] for c, index in idx.items()}
         if negatives is not None:
             source = {Negative.R_MINUS: "neg", Negative.POLICY: "policy", Negative.R_PLUS: "pos"}
             neg = torch.full_like(targets, -1)
@@ -375,7 +391,10 @@ class PackedPasses:
         runs = split_to(runs, agreed_count(len(runs)))  # the same number of forwards on every rank
         with torch.no_grad():
             for run in runs:
-                packed = self.pack([groups[i] for i in run], contexts, R)
+                if rollouts.vision is None:
+                    packed = self.pack([groups[i] for i in run], contexts, R)
+                else:
+                    packed = vision.pack_run(self, rollouts, [groups[i] for i in run], run, contexts, R)
                 tokens += packed.tokens
                 rows = slice(run[0] * G, (run[-1] + 1) * G)
                 neg_rows = None if teachers is None else [negatives[i] for i in run for _ in range(G)]
@@ -434,7 +453,11 @@ class PackedPasses:
         first = group_ids[0]
         out = []
         for run in runs:
-            packed = self.pack([groups[i] for i in run], ("policy",), R)
+            if rollouts.vision is None:
+                packed = self.pack([groups[i] for i in run], ("policy",), R)
+            else:
+                packed = vision.pack_run(self, rollouts, [groups[i] for i in run], [first + i for i in run],
+                                         ("policy",), R)  # fmt: skip
             out.append(MicroBatch(slice((first + run[0]) * G, (first + run[-1] + 1) * G), packed, packed.tokens))
         return out
 
@@ -484,15 +507,19 @@ class PaddedPasses:
         G, R = rollouts.group_size, rollouts.width
         contexts, responses = rollouts.contexts(), rollouts.responses
         batch = build_batch(contexts, responses, self.pad_id, response_width=R)
+        batch.images = vision.row_images(rollouts)  # VL models (None otherwise)
         old = self.logprobs(model, batch)
         tokens = int(batch.input_ids.numel())
         if teachers is None:
             return Streams(old, batch.mask, tokens)
+        drop = self.cfg.algorithm.teacher_image == "drop"  # VL: the reference code's image-free teacher
+        bases = vision.teacher_prompts(rollouts, self.pad_id, drop)
 
         def run(rows: list[int], inserted: list[list[int]]) -> torch.Tensor:
             nonlocal tokens
-            ctx = [contexts[i] + list(ids) for i, ids in zip(rows, inserted)]
+            ctx = [bases[i] + list(ids) for i, ids in zip(rows, inserted)]
             b = build_batch(ctx, [responses[i] for i in rows], self.pad_id, response_width=R)
+            b.images = vision.row_images(rollouts, rows, teacher=True, drop=drop)
             tokens += int(b.input_ids.numel())
             return self.logprobs(model, b)
 
@@ -511,6 +538,7 @@ class PaddedPasses:
 
     def reference_logprobs(self, model, rollouts) -> tuple[torch.Tensor, int]:
         batch = build_batch(rollouts.contexts(), rollouts.responses, self.pad_id, response_width=rollouts.width)
+        batch.images = vision.row_images(rollouts)
         return self.logprobs(model, batch), int(batch.input_ids.numel())
 
     def micro_batches(self, rollouts, rows: slice) -> list[MicroBatch]:
@@ -518,6 +546,7 @@ class PaddedPasses:
         batch = build_batch(
             rollouts.contexts()[rows], rollouts.responses[rows], self.pad_id, response_width=rollouts.width
         )
+        batch.images = vision.row_images(rollouts, rows)
         out = []
         for i in range(0, rows.stop - rows.start, mbs):
             part = batch.rows(slice(i, i + mbs))
@@ -541,7 +570,7 @@ class PaddedPasses:
 def packing_unavailable(cfg, model) -> str | None:
     """Why the packed passes cannot run for this config and model (``None``: they can)."""
     lm = causal_lm(model)
-    reason = hf_attention.supports(lm)
+    reason = vision.packing_unavailable(lm) if vision.is_vl_model(lm) else hf_attention.supports(lm)
     if reason:
         return reason
     head = lm.get_output_embeddings()

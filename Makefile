@@ -15,7 +15,7 @@ VLLM_TESTS ?= tests/trainer/test_vllm.py
 # has torch (e.g. a GPU image with torch 2.11) keeps it: the venv sees system packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-vllm vllm-venv test test-vllm demo bench lint info clean
+.PHONY: install install-vllm vllm-venv test test-vllm demo demo-vision bench lint info clean
 
 install: $(STAMP)
 
@@ -60,6 +60,10 @@ test-vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cepo.demo --out runs/demo
+
+# the vision-language demo: a tiny Qwen3-VL on synthetic visual arithmetic (docs/vision.md)
+demo-vision: $(STAMP)
+	$(PY) -m cepo.demo --task vision --out runs/demo-vision
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -p no:cacheprovider

@@ -298,7 +298,7 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], *, max_new_tokens: int =
 
 def run(args) -> int:
     """``python -m cepo.demo --task vision``: ``args`` as parsed by :func:`cepo.demo.main`."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)))
     t0 = time.time()
     if args.model:  # any local Qwen2.5-VL / Qwen3-VL directory: only the data is made here
         os.makedirs(args.out, exist_ok=True)

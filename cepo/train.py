@@ -209,7 +209,8 @@ class Trainer:
         with timed(t, "experience"):
             scored = self.experience.score(self.engine.module, rollouts, lam, ref_model=self.ref_model)
         if self.rank == 0 and should_log(k, self.cfg.log_samples_every):  # what this step computed, for cepo viz
-            write_samples(self.cfg.output_dir, k, step_records(k, self.cfg, self.tokenizer, rollouts, scored))
+            records = vision.records_with_images(step_records(k, self.cfg, self.tokenizer, rollouts, scored), rollouts)
+            write_samples(self.cfg.output_dir, k, records)
         with timed(t, "update"):
             m = self.update(rollouts, scored)
         with timed(t, "weight_sync"):  # vLLM: push the updated weights before the next rollout (raises if it fails)
@@ -247,7 +248,7 @@ class Trainer:
             questions=[ex.question for ex in mine],
             group_size=G,
             sampler_logprobs=samples.logprobs,
-            vision=vision.step_vision(self.engine.module, images),
+            vision=vision.step_vision(self.engine.module, images, [ex.images for ex in mine]),
         )
 
     def score_rewards(self, rollouts: Rollouts) -> dict:

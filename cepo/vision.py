@@ -510,8 +510,9 @@ class StepVision:
     of the step (experience, reference, update). ``patches`` counts patches run through the tower
     (``tokens/vision``)."""
 
-    def __init__(self, images: list[ImageInputs | None], image_token_id: int):
+    def __init__(self, images: list[ImageInputs | None], image_token_id: int, sources: list | None = None):
         self.images, self.image_token_id = images, int(image_token_id)
+        self.sources = sources  # per prompt the row's images as loaded (for cepo viz)
         self._roots: dict[tuple[int, bool], tuple[torch.Tensor, int] | None] = {}
         self._features: dict[tuple[int, int], VisionFeatures] = {}
         self.patches = 0
@@ -708,9 +709,28 @@ def padded_forward_hidden(model, input_ids, attention_mask, images: RowImages) -
     return padded_vl_hidden(model, input_ids, attention_mask, images.rows)
 
 
-def step_vision(model, images: list[ImageInputs | None] | None) -> StepVision | None:
-    """A :class:`StepVision` for one step's prompts' images (None for a text step)."""
-    return None if images is None else StepVision(images, vl_root(model).config.image_token_id)
+def step_vision(model, images: list[ImageInputs | None] | None, sources: list | None = None) -> StepVision | None:
+    """A :class:`StepVision` for one step's prompts' images (None for a text step); ``sources``:
+    per prompt the images as loaded (kept for ``cepo viz``)."""
+    return None if images is None else StepVision(images, vl_root(model).config.image_token_id, sources)
+
+
+def records_with_images(records: list[dict], rollouts, max_side: int = 256) -> list[dict]:
+    """``cepo.samples`` records with each group's images as base64 PNG (``images_png_b64``) for
+    ``cepo viz``; unchanged for a text step."""
+    import base64
+
+    step = rollouts.vision
+    if step is None or step.sources is None:
+        return records
+    for rec in records:
+        pngs = []
+        for value in step.sources[rec["group"]]:
+            img = decode_image(value)
+            img.thumbnail((max_side, max_side))
+            pngs.append(base64.b64encode(image_to_png(img)).decode("ascii"))
+        rec["images_png_b64"] = pngs
+    return records
 
 
 def copy_processor_config(src: str, dst: str) -> None:

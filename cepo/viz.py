@@ -184,8 +184,12 @@ def render_html(run_dir: str, step: int, records: list[dict], *, color: str = "r
         negative = {"r-": "r-", "policy": "the policy itself (RLSD)", "r+": "r+ (delta 0)", None: "none"}.get(
             rec["negative"], html.escape(str(rec["negative"]))
         )
+        image = "".join(  # VL runs: the group's image(s), inline
+            f"<img alt='image' src='data:image/png;base64,{b64}' style='height:64px;vertical-align:middle'> "
+            for b64 in rec.get("images_png_b64") or []
+        )
         groups.append(
-            f"<div class='group' data-group='{rec['group']}'><div class='ghead'><b>group {rec['group']}</b>: "
+            f"<div class='group' data-group='{rec['group']}'><div class='ghead'>{image}<b>group {rec['group']}</b>: "
             f"{html.escape(rec['question'])} &nbsp; answer <code>{html.escape(str(rec['answer']))}</code> &nbsp; "
             f"<b>r+</b> = <code class='rplus'>{r_plus}</code> &nbsp; <b>r-</b> = <code class='rminus'>{r_minus}</code>"
             f" &nbsp; <span class='sub'>negative context: {negative}</span></div>"

@@ -287,6 +287,8 @@ class CEPOTrainer(GRPOTrainer):
         column, G = args.cepo_answer_column, self.num_generations
         if column not in inputs[0]:
             raise ValueError(f"train_dataset: no column {column!r} (cepo_answer_column, the ground truth r+)")
+        if "pixel_values" in output:
+            raise ValueError("CEPOTrainer: image prompts are not supported (the teacher pass is text-only)")
         batch, self._cepo_batch = self._cepo_batch, None
         B = len(inputs)
         # Whole groups on every process: the rewards TRL gathered, the texts gathered here.

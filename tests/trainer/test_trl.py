@@ -32,6 +32,7 @@ from cepo import demo  # noqa: E402
 from cepo.advantages import select_negatives  # noqa: E402
 from cepo.integrations import trl as cepo_trl  # noqa: E402
 from cepo.integrations.trl import CEPOConfig, CEPOTrainer  # noqa: E402
+from tests.trainer import trl_worker  # noqa: E402
 from tests.trainer.conftest import ROOT, params, subprocess_env  # noqa: E402
 
 TEMPLATE = "\nAnswer: {answer}\n"
@@ -242,7 +243,11 @@ def test_two_processes_with_a_split_group_match_one(assets, tmp_path):
     worker = ["-m", "tests.trainer.trl_worker", assets["model"], assets["train"]]
     env = {**subprocess_env(), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
     one = str(tmp_path / "one")
-    subprocess.run([sys.executable, *worker, one, "12"], cwd=ROOT, env=env, check=True, timeout=300)
+    threads = torch.get_num_threads()
+    try:  # 1 process: here (a second interpreter would only add its start-up)
+        trl_worker.main([assets["model"], assets["train"], one, "12"])
+    finally:
+        torch.set_num_threads(threads)
     two = str(tmp_path / "two")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

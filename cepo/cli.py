@@ -105,7 +105,8 @@ def _run(args) -> int:
         from cepo.train import run_from_config
 
         summary = run_from_config(args.config, args.overrides, resume=args.resume)
-        print(f"done: {summary['steps']} steps; metrics {summary['metrics_file']}; model {summary['final_model']}")
+        if os.environ.get("RANK", "0") == "0":  # one summary line per run, not per rank
+            print(f"done: {summary['steps']} steps; metrics {summary['metrics_file']}; model {summary['final_model']}")
     elif args.command == "eval":
         from cepo.evaluate import evaluate_directory
 

@@ -1,8 +1,8 @@
 """The one benchmark harness (pytest-benchmark) of the ops: ``pytest bench/ --benchmark-only``.
 
 Files are ``bench/bench_<op>.py`` (collected by :func:`pytest_collect_file` below; the whole-step
-tools ``bench_trainer_step.py``, ``bench_rollout.py`` and ``bench_zero3_step.py`` are scripts, not
-collected). Every case runs each implementation (eager PyTorch, every usable cepo backend, the
+tools, ``bench_rollout.py`` and every ``bench_*_step.py``, are scripts with their own command line,
+not collected). Every case runs each implementation (eager PyTorch, every usable cepo backend, the
 public peers when importable: Liger, Cut Cross-Entropy, FlexAttention, TRL's ``trl.kernels``)
 through the ``measure`` fixture, which
 
@@ -42,8 +42,9 @@ if not CUDA:
 
 
 BENCH_DIR = Path(__file__).resolve().parent
-# whole-step tools: scripts with their own command line, not pytest-benchmark files
-STEP_TOOLS = {"bench_trainer_step.py", "bench_rollout.py", "bench_zero3_step.py"}
+# whole-step tools (scripts with their own command line, not pytest-benchmark files): these and
+# every bench_*_step.py
+STEP_TOOLS = {"bench_rollout.py"}
 BACKENDS = ("cuda", "triton", "torch")
 
 
@@ -68,6 +69,7 @@ def pytest_collect_file(file_path, parent):
         and file_path.name.startswith("bench_")
         and file_path.suffix == ".py"
         and file_path.name not in STEP_TOOLS
+        and not file_path.name.endswith("_step.py")
     ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None

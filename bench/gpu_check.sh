@@ -73,7 +73,7 @@ if [ -n "${GPU_CHECK_DRY:-}" ]; then
   export TRITON_INTERPRET=1
   step info 60 "$PY" -m cepo_kernels.info
   # (the bench suite's own test is left out: bench_configs below runs the same cases)
-  step tests 900 "$PY" -m pytest -q -x tests/kernels -p no:cacheprovider -k "not bench_suite"
+  step tests 1800 "$PY" -m pytest -q -x tests/kernels -p no:cacheprovider -k "not bench_suite"
   bench_configs 600 --bench-size tiny
   exit 0
 fi

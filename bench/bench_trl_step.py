@@ -3,14 +3,15 @@ demo model and batch, and the teacher pass's share of the CEPO step.
 
 ``python -m bench.bench_trl_step [--repeats 3] [--threads 1] [--clock cpu] [--out DIR]`` runs on the
 CPU: the demo's warm-started 0.8M-parameter Qwen3 and its data (built under ``--demo-dir``, default
-``runs/demo``, if missing), the batch of ``configs/demo.yaml`` (32 prompts x 8 completions of at most
-32 tokens, temperature 1, math-verify reward, lam = 1), fp32. Three trainers, the same seed (so
-step k samples the same prompts in each): TRL's ``GRPOTrainer``, ``CEPOTrainer`` with the packed
-teacher pass and with the padded one. One warm-up step, then ``--repeats`` timed optimizer steps
-(generation, rewards, teacher pass, loss, backward and optimizer step, as TRL runs them). Prints
-the median step time, the teacher pass's median time and share of the CEPO step, and CEPO / GRPO;
-appends one JSON line per step and one summary line to ``bench/results/<machine>-trl-step.jsonl``
-(and ``DIR/bench_trl_step.jsonl`` with ``--out``), with versions, git sha, date and command.
+``runs/demo``, with ``--sft-steps`` warm-start steps if missing), the batch of ``configs/demo.yaml``
+(32 prompts x 8 completions of at most 32 tokens, temperature 1, math-verify reward, lam = 1),
+fp32. Three trainers, the same seed (so step k samples the same prompts in each): TRL's
+``GRPOTrainer``, ``CEPOTrainer`` with the packed teacher pass and with the padded one. One warm-up
+step, then ``--repeats`` timed optimizer steps (generation, rewards, teacher pass, loss, backward
+and optimizer step, as TRL runs them). Prints the median step time, the teacher pass's median time
+and share of the CEPO step, and CEPO / GRPO; appends one JSON line per step and one summary line
+to ``bench/results/<machine>-trl-step.jsonl`` (and ``DIR/bench_trl_step.jsonl`` with ``--out``),
+with versions, git sha, date and command.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo-dir", default="runs/demo", help="demo assets (built if missing)")
+    p.add_argument("--sft-steps", type=int, default=300, help="warm-start steps when the assets are built here")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="summary from wall or process CPU time")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model_dir = os.path.join(args.demo_dir, "base_model")
     if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        demo.build_assets(args.demo_dir)
+        demo.build_assets(args.demo_dir, sft_steps=args.sft_steps)
     data = load_dataset("json", data_files=os.path.join(args.demo_dir, "train.jsonl"), split="train")
     data = data.map(lambda r: {"prompt": [{"role": "user", "content": f"{r['question']} {demo.DEMO_INSTRUCTION}"}]})
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             CEPOConfig(output_dir=os.path.join(work, "padded"), cepo_packing="false", **common, **cepo_keys),
         ),
     }
-    env = {**environment(), "trl": trl.__version__, "threads": torch.get_num_threads()}
+    env = {**environment(), "trl": trl.__version__, "threads": torch.get_num_threads(), "demo_dir": args.demo_dir}
     records = []
     for name, (cls, cfg) in runs.items():
         clock, teacher[:] = StepClock(), []
@@ -174,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     print(
-        f"reproduce: python -m bench.bench_trl_step --repeats {args.repeats} --threads {args.threads} "
-        f"--clock {args.clock}"
+        f"reproduce: python -m bench.bench_trl_step --demo-dir {args.demo_dir} --sft-steps {args.sft_steps} "
+        f"--repeats {args.repeats} --threads {args.threads} --clock {args.clock}"
     )
     return 0
 

@@ -58,8 +58,11 @@ def test_samples_hold_what_the_step_computed(cepo_step):
     for rec in records:
         assert rec["step"] == 2 and rec["algorithm"] == "cepo" and rec["lam"] == scored.lam > 0
         assert rec["r_plus"] == rec["answer"]
+        assert rec["negative"] == scored.negatives[rec["group"]].value
         if rec["negative"] == "r-":
-            assert rec["r_minus"] == scored.neg_answers[rec["group"]]
+            assert rec["r_minus"] == scored.r_minus[rec["group"]] is not None
+        else:
+            assert rec["r_minus"] is None
         assert len(rec["responses"]) == G
         for j, resp in enumerate(rec["responses"]):
             i = rec["group"] * G + j

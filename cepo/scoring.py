@@ -569,6 +569,8 @@ class PaddedPasses:
 # ----------------------------------------------------------------------------- the choice, once
 def packing_unavailable(cfg, model) -> str | None:
     """Why the packed passes cannot run for this config and model (``None``: they can)."""
+    if cfg.scoring.kernel_backend == "cuda":
+        return "scoring.kernel_backend=cuda: the CUDA extension has the logits ops only (the padded passes use them)"
     lm = causal_lm(model)
     reason = vision.packing_unavailable(lm) if vision.is_vl_model(lm) else hf_attention.supports(lm)
     if reason:

@@ -9,7 +9,7 @@ import torch
 
 import cepo_kernels
 from cepo.config import load_config
-from cepo.scoring import build_batch, forward_logprobs, fused_head_unavailable
+from cepo.scoring import build_batch, forward_logprobs, fused_head_unavailable, packing_unavailable
 from cepo.train import Trainer
 from tests.trainer.conftest import make_config
 from tests.trainer.test_invariants import STEP_ATOL, assert_params_equal, run_one_step
@@ -78,3 +78,4 @@ def test_cuda_backend_keeps_the_logits_path(trainer_and_batch, assets, tmp_path)
     assert fused_head_unavailable(trainer.cfg, model) is None
     cfg = load_config(make_config(assets, str(tmp_path / "c"), scoring__kernel_backend="cuda"))
     assert "logits ops only" in fused_head_unavailable(cfg, model)
+    assert "logits ops only" in packing_unavailable(cfg, model)  # auto: padded, through the logits

@@ -343,3 +343,23 @@ def test_example_script_runs(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv + ["--max-steps", "1", "--num-generations", "4", "--batch-size", "8"])
     runpy.run_path(script, run_name="__main__")
     assert "'cepo/lam': '1'" in capsys.readouterr().out
+
+
+def test_docs_example_runs(assets, tmp_path, capsys):
+    """The ``python`` block of ``docs/trl.md`` (the README's "CEPO in your TRL script"), on the tiny
+    assets for one step: only the paths and the batch are replaced."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "trl.md")).read()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    for old, new in (
+        ("runs/demo/base_model", assets["model"]),
+        ("runs/demo/train.jsonl", assets["train"]),
+        ("runs/trl-cepo", str(tmp_path / "docs-example")),
+        ("max_steps=60", "max_steps=1"),
+        ("per_device_train_batch_size=256", "per_device_train_batch_size=16"),
+    ):
+        assert old in block, old
+        block = block.replace(old, new)
+    exec(compile(block, "docs/trl.md", "exec"), {})  # noqa: S102 - our own documentation
+    assert "'cepo/lam': '1'" in capsys.readouterr().out

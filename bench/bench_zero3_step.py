@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "data.eval_file=null",
         "progress_bar=false",
         "save_every=0",
+        "optim.micro_batch_size=64",  # 8 groups per micro-batch: padded needs a divisor of 64 at 2 ranks
         f"output_dir={os.path.join(demo_dir, 'bench_zero3')}",
     ]
     if args.worker:

@@ -21,8 +21,8 @@ from tests.trainer.test_vllm import _metrics, _run_config, demo_assets, needs_vl
 @needs_vllm
 @pytest.mark.slow
 def test_zero3_packed_two_ranks_with_vllm_follow_the_policy(demo_assets, tmp_path):  # noqa: F811
-    """2 ranks, ZeRO-3, packed passes: after every update the engines hold the new weights
-    (``rollout/logprob_diff`` < 1e-3 at steps 1 and 2), and the loss is finite."""
+    """2 ranks, ZeRO-3, packed passes: the update of step 1 moves the weights (a reward that varies
+    within groups), and the engines sample step 2 with them (``rollout/logprob_diff`` < 1e-3)."""
     run = str(tmp_path / "z3")
     config = _run_config(
         demo_assets,
@@ -34,6 +34,8 @@ def test_zero3_packed_two_ranks_with_vllm_follow_the_policy(demo_assets, tmp_pat
         optim__micro_batch_size=32,
         steps=2,
         save_every=0,
+        reward__math_verify=False,  # a reward that varies within groups: nonzero advantages, a real update
+        reward__functions=["tests.trainer.rewards:digit_count"],
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     cmd += ["-m", "tests.trainer.vllm_worker", config, str(tmp_path / "z3.jsonl")]
@@ -42,3 +44,4 @@ def test_zero3_packed_two_ranks_with_vllm_follow_the_policy(demo_assets, tmp_pat
     assert [m["step"] for m in rows] == [1, 2]
     for m in rows:
         assert m["rollout/logprob_diff"] < 1e-3 and m["loss"] == m["loss"], m
+    assert rows[0]["grad_norm"] > 0, rows[0]  # step 1 changed the weights that step 2's engines sampled with

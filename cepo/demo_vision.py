@@ -1,7 +1,8 @@
 """The embedded vision-language default: ``python -m cepo.demo --task vision``, a few minutes on 2 CPU cores.
 
-1. A synthetic visual arithmetic task: a 64x64 image with red and blue squares (each 16x16 pixels,
-   one patch, on a 4x4 grid); the question "<image>Compute red + 2 x blue." needs the image. Each
+1. A synthetic visual arithmetic task: a 64x64 image with red and blue squares (14x14 pixels in
+   the cells of a 4x4 grid; a cell is 2x2 patches of 8 pixels, one merged image token); the
+   question "<image>Compute red + 2 x blue." needs the image. Each
    problem carries a worked solution (``red=2\\nblue=1\\n2+2*1=4\\n\\boxed{4}``) and a flawed one
    whose box holds the red count only (every line right, only the box wrong), as in the text demo.
 2. A character-level tokenizer with the Qwen-VL vision special tokens and a ChatML template.
@@ -34,8 +35,8 @@ SPECIAL = [
     vision.VISION_START, vision.VISION_END, vision.IMAGE_PAD, vision.VIDEO_PAD,
 ]  # fmt: skip
 INSTRUCTION = "Answer in \\boxed{}."
-SIZE, CELL = 64, 16  # image side and object side (one 16-pixel patch: smaller objects are not learned)
-GRID = vision.PatchGrid(patch_size=16, merge_size=2, temporal_patch_size=2)
+SIZE, CELL = 64, 16  # image side and cell side: one merged image token (2x2 patches of 8 pixels) per cell
+GRID = vision.PatchGrid(patch_size=8, merge_size=2, temporal_patch_size=2)
 MIN_PIXELS, MAX_PIXELS = 32 * 32, 128 * 128  # the demo's data.min_pixels / data.max_pixels
 COLORS = {"red": (220, 40, 40), "blue": (40, 70, 220)}
 
@@ -214,10 +215,11 @@ def prompt_inputs(
     return tokenizer(text, add_special_tokens=False)["input_ids"], inputs
 
 
-def warm_start(model, tokenizer, rows: list[dict], *, steps: int, flawed_fraction: float = 0.5, batch_size: int = 32,
+def warm_start(model, tokenizer, rows: list[dict], *, steps: int, flawed_fraction: float = 0.6, batch_size: int = 32,
                lr: float = 3e-3, seed: int = 0, log=print) -> None:  # fmt: skip
     """Supervised fine-tuning (loss on response tokens only), in place. A ``flawed_fraction`` of
-    the demonstrations box the red count instead of the answer."""
+    the demonstrations box the red count instead of the answer (more than half: the warm-started
+    model's greedy answer is often the red count, which RL with a verifiable reward removes)."""
     processor = vision.ImageProcessor(GRID)
     rng = random.Random(seed)
     encoded = []

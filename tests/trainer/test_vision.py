@@ -202,15 +202,15 @@ def test_load_easyr1_rows_with_images(tmp_path, tok):
     examples, dropped = load_examples(str(tmp_path / "a.parquet"), tok, _Cfg, processor=proc)
     assert dropped == 0 and len(examples) == 3
     image_id = tok.convert_tokens_to_ids(vision.IMAGE_PAD)
-    assert examples[0].prompt_ids.count(image_id) == 4  # 64x64 at 32 px per merged token
+    assert examples[0].prompt_ids.count(image_id) == (64 // dv.GRID.factor) ** 2  # one token per merged patch
     x = vision.example_images(examples[0].images, proc, _Cfg.min_pixels, _Cfg.max_pixels)
-    assert x.image_grid_thw.tolist() == [[1, 4, 4]]
+    assert x.image_grid_thw.tolist() == [[1, 64 // dv.GRID.patch_size, 64 // dv.GRID.patch_size]]
     (tmp_path / "img.png").write_bytes(_png(96))
     with open(tmp_path / "b.jsonl", "w") as f:
         f.write(json.dumps({"images": ["img.png"], "problem": "<image>How many?", "answer": "3"}) + "\n")
         f.write(json.dumps({"images": {"path": "img.png"}, "problem": "<image>Two?", "answer": "2"}) + "\n")
     examples, _ = load_examples(str(tmp_path / "b.jsonl"), tok, _Cfg, processor=proc)
-    assert [e.prompt_ids.count(image_id) for e in examples] == [9, 9]
+    assert [e.prompt_ids.count(image_id) for e in examples] == [(96 // dv.GRID.factor) ** 2] * 2
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from cepo import checkpoint as ckpt
+from cepo import demo_vision as dv
 from tests.trainer.conftest import ROOT, kill_at_checkpoint
 from tests.trainer.conftest import subprocess_env as _env
 
@@ -67,5 +68,6 @@ def test_vl_demo_kill_and_resume_equals_uninterrupted(demo_assets, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     records = [json.loads(line) for line in open(os.path.join(killed, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert all(r["tokens/vision"] == 4 * 16 for r in records)  # 4 prompts, 16 patches each, once per step
+    patches = (64 // dv.GRID.patch_size) ** 2
+    assert all(r["tokens/vision"] == 4 * patches for r in records)  # 4 prompts, each image once per step
     assert os.path.isfile(os.path.join(straight, "final", "preprocessor_config.json"))

@@ -24,7 +24,7 @@ from tests.trainer.test_packed_step import compare_metrics, compare_params, raw_
 from tests.trainer.test_packing import _exact_float64
 
 SHAPE = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=24)
-PATCHES = {64: 16, 96: 36}  # 16-pixel patches of a 64x64 and a 96x96 image
+PATCHES = {s: (s // dv.GRID.patch_size) ** 2 for s in (64, 96)}  # patches of a 64x64 and a 96x96 image
 
 
 @pytest.fixture(scope="session")

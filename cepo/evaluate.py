@@ -55,11 +55,19 @@ def evaluate_directory(model_dir: str, data_file: str, overrides: list[str] = ()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-    )
+    from cepo import vision
+
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    processor = vision.processor_for(cfg)  # VL models: AutoModelForImageTextToText and the images
+    if processor is not None:
+        model = vision.load_vl_model(model_dir, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.to(device).eval()
-    examples, _ = load_examples(data_file, tokenizer, cfg.data)
+    examples, _ = load_examples(data_file, tokenizer, cfg.data, processor)
     if cfg.data.eval_limit:
         examples = examples[: cfg.data.eval_limit]
-    return accuracy(model, tokenizer, examples, cfg.rollout, device=device, timeout_s=cfg.reward.timeout_s)
+    images = vision.examples_images(examples, processor, cfg.data)
+    return accuracy(
+        model, tokenizer, examples, cfg.rollout, device=device, timeout_s=cfg.reward.timeout_s, images=images
+    )

@@ -288,3 +288,17 @@ def test_padded_vl_forward_matches_unshared(model64, tok):
         for b, (s, x) in enumerate(zip(seqs, rows_images)):
             ref = _unshared_logits(model, s, x)
             torch.testing.assert_close(logits[b, width - len(s) :], ref, rtol=0, atol=1e-10)
+
+
+def test_viz_records_carry_the_group_image():
+    """cepo viz: a VL step's sample records carry each group's image as a base64 PNG."""
+    import base64
+    from types import SimpleNamespace
+
+    png = _png()
+    step = vision.StepVision([None, None], image_token_id=6, sources=[(png,), ({"bytes": png},)])
+    records = vision.records_with_images([{"group": 1}, {"group": 0}], SimpleNamespace(vision=step))
+    for rec in records:
+        (b64,) = rec["images_png_b64"]
+        assert base64.b64decode(b64)[:4] == b"\x89PNG"
+    assert vision.records_with_images([{"group": 0}], SimpleNamespace(vision=None)) == [{"group": 0}]

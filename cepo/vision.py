@@ -595,6 +595,11 @@ def processor_for(cfg) -> ImageProcessor | None:
     if not is_vl_dir(cfg.model.path):
         return None
     check_vl_type(model_type_of(cfg.model.path), f"model.path={cfg.model.path}")
+    if cfg.engine.zero_stage == 3:
+        raise ValueError(
+            "engine.zero_stage=3 with a vision-language model is not supported yet (the vision tower runs "
+            "outside the engine's forward); use zero_stage <= 2"
+        )
     return ImageProcessor.from_dir(cfg.model.path)
 
 

@@ -170,3 +170,9 @@ def test_vl_rollouts_never_contain_vision_tokens(vl_assets, tmp_path):
         trainer.engine.module.lm_head.weight[sorted(banned)] *= 50
     rollouts = trainer.generate(1)
     assert not banned & {t for r in rollouts.responses for t in r}
+
+
+def test_vl_zero3_is_a_clear_error(vl_assets, tmp_path):
+    cfg = load_config(vl_config(vl_assets, "qwen3_vl", str(tmp_path / "z"), engine__zero_stage=3))
+    with pytest.raises(ValueError, match="engine.zero_stage=3 with a vision-language model is not supported"):
+        Trainer(cfg)

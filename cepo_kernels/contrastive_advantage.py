@@ -11,7 +11,7 @@ from cepo_kernels import _dispatch, _validate
 from cepo_kernels.reference.contrastive_advantage import contrastive_advantage_reference, token_advantages_and_sign
 
 OP = "contrastive_advantage"
-# Triton first: the cuda backend has not yet been measured faster on a GPU (see README).
+# Triton first: the cuda backend has not yet been measured faster on a GPU (docs/cuda_extension.md).
 ORDER = ("triton", "cuda", "torch")
 DTYPES = {"torch": _validate.FLOAT_DTYPES}
 

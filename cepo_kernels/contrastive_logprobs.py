@@ -12,7 +12,7 @@ from cepo_kernels.reference.contrastive_advantage import accumulation_dtype, tok
 from cepo_kernels.reference.contrastive_logprobs import contrastive_logprobs_forward
 
 OP = "contrastive_logprobs"
-# Triton first: the cuda backend has not yet been measured faster on a GPU (see README).
+# Triton first: the cuda backend has not yet been measured faster on a GPU (docs/cuda_extension.md).
 ORDER = ("triton", "cuda", "torch")
 DTYPES = {"torch": _validate.FLOAT_DTYPES}
 

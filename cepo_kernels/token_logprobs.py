@@ -12,7 +12,7 @@ from cepo_kernels import _dispatch, _validate
 from cepo_kernels.reference import token_logprobs as ref
 
 OP = "token_logprobs"
-# Triton first: the cuda backend has not yet been measured faster on a GPU (see README).
+# Triton first: the cuda backend has not yet been measured faster on a GPU (docs/cuda_extension.md).
 ORDER = ("triton", "cuda", "torch")
 DTYPES = {"torch": _validate.FLOAT_DTYPES}
 

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.cepo-installed
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.cepo-installed
-VLLM_TESTS ?= tests/trainer/test_vllm.py
+VLLM_TESTS ?= $(wildcard tests/trainer/test_*vllm*.py)
 # A CPU machine takes the CPU build of torch that lies on its disk; a machine that already
 # has torch (e.g. a GPU image with torch 2.11) keeps it: the venv sees system packages.
 TORCH_SPEC ?= torch==2.13.0

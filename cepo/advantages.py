@@ -117,6 +117,17 @@ def choose_negatives(
     return negative_contexts(name, choices, n_groups, algorithm_cfg.no_rejected), choices
 
 
+def negative_stats(choices: list[NegativeChoice]) -> dict[str, float]:
+    """``cepo/no_rejected_frac`` (groups without a rejected rollout) and ``cepo/no_answer_frac``
+    (of the groups with one, those whose rejected rollouts have no extractable answer)."""
+    with_rejected = sum(c.reason != "no_rejected" for c in choices)
+    no_answer = sum(c.reason == "no_answer" for c in choices)
+    return {
+        "cepo/no_rejected_frac": sum(c.reason == "no_rejected" for c in choices) / len(choices),
+        "cepo/no_answer_frac": no_answer / with_rejected if with_rejected else 0.0,
+    }
+
+
 def select_negatives(
     rewards: list[float], responses: list[str], group_size: int, threshold: float
 ) -> list[NegativeChoice]:

@@ -27,6 +27,7 @@ from cepo.advantages import (
     delta_diagnostics,
     grpo_advantages,
     negative_contexts,
+    negative_stats,
     select_negatives,
 )
 from cepo.scoring import MicroBatch, PackedPasses, PaddedPasses, TeacherContexts, sequence_advantages_per_token
@@ -134,11 +135,7 @@ class Experience:
             scored.stats["time/logprob_ref"] = time.perf_counter() - t0
         if negatives is not None:
             if choices is not None:
-                with_rejected = sum(c.reason != "no_rejected" for c in choices)
-                scored.stats["cepo/no_rejected_frac"] = sum(c.reason == "no_rejected" for c in choices) / len(choices)
-                scored.stats["cepo/no_answer_frac"] = (
-                    sum(c.reason == "no_answer" for c in choices) / with_rejected if with_rejected else 0.0
-                )
+                scored.stats.update(negative_stats(choices))
             scored.stats.update(
                 delta_diagnostics(
                     seq_adv, rollouts.rewards, scored.pos, scored.neg, scored.mask, scored.weights, acfg.eps_w,

@@ -46,7 +46,7 @@ from accelerate.utils import gather_object
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from cepo.advantages import Negative, choose_negatives, delta_diagnostics, lam_at
+from cepo.advantages import Negative, choose_negatives, delta_diagnostics, lam_at, negative_stats
 from cepo.config import AlgorithmConfig, DataConfig, OptimConfig, RolloutConfig, ScoringConfig, TrainConfig
 from cepo.experience import Experience, Rollouts
 from cepo.scoring import TeacherContexts, build_passes
@@ -347,11 +347,7 @@ class CEPOTrainer(GRPOTrainer):
         stats["cepo/teacher_tokens"] = float(streams.tokens)
         stats["cepo/packed"] = float(experience.packed)
         if choices is not None:
-            with_rejected = sum(c.reason != "no_rejected" for c in choices)
-            stats["cepo/no_rejected_frac"] = sum(c.reason == "no_rejected" for c in choices) / len(choices)
-            stats["cepo/no_answer_frac"] = (
-                sum(c.reason == "no_answer" for c in choices) / with_rejected if with_rejected else 0.0
-            )
+            stats.update(negative_stats(choices))
         return a_t.to(output["advantages"].device), stats
 
 

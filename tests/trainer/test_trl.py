@@ -352,6 +352,8 @@ def test_docs_example_runs(assets, tmp_path, capsys):
 
     text = open(os.path.join(ROOT, "docs", "trl.md")).read()
     block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert block in re.findall(r"```python\n(.*?)```", readme, flags=re.S)  # the README shows this very block
     for old, new in (
         ("runs/demo/base_model", assets["model"]),
         ("runs/demo/train.jsonl", assets["train"]),

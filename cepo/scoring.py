@@ -490,18 +490,23 @@ class PaddedPasses:
         self.cfg, self.pad_id, self.device, self.fused_head = cfg, pad_id, device, fused_head
         self.backend = cfg.scoring.kernel_backend
 
-    def logprobs(self, model, batch: Batch) -> torch.Tensor:
-        """No-grad ``(B, R)`` log-probs, ``optim.micro_batch_size`` rows at a time, on the CPU."""
-        outs, acc = [], accumulate_dtype(model)
+    def logprobs(self, model, batch: Batch, spare: Batch | None = None) -> torch.Tensor:
+        """No-grad ``(B, R)`` log-probs, ``optim.micro_batch_size`` rows at a time, on the CPU.
+
+        Under ZeRO-3 every rank runs as many forwards as the rank with the most chunks (each forward
+        all-gathers): the extra ones run one row of ``batch`` (of ``spare`` when ``batch`` is empty)
+        and are discarded."""
+        outs, acc, mbs = [], accumulate_dtype(model), self.cfg.optim.micro_batch_size
+        starts = list(range(0, batch.input_ids.shape[0], mbs))
+        extra = agreed_count(len(starts)) - len(starts) if self.cfg.engine.zero_stage == 3 else 0
+        kw = dict(temperature=self.cfg.rollout.temperature, backend=self.backend, fused_head=self.fused_head)
         with torch.no_grad():
-            for start in range(0, batch.input_ids.shape[0], self.cfg.optim.micro_batch_size):
-                mb = batch.rows(slice(start, start + self.cfg.optim.micro_batch_size)).to(self.device)
-                logp = forward_logprobs(
-                    model, mb, temperature=self.cfg.rollout.temperature, backend=self.backend,
-                    fused_head=self.fused_head,
-                )  # fmt: skip
+            for start in starts:
+                logp = forward_logprobs(model, batch.rows(slice(start, start + mbs)).to(self.device), **kw)
                 outs.append(logp.to(acc).cpu())
-        return torch.cat(outs, 0)
+            for _ in range(extra):
+                forward_logprobs(model, (batch if starts else spare).rows(slice(0, 1)).to(self.device), **kw)
+        return torch.cat(outs, 0) if outs else torch.zeros(0, batch.targets.shape[1], dtype=acc)
 
     def score(self, model, rollouts, seq_adv, lam, teachers: TeacherContexts | None) -> Streams:
         G, R = rollouts.group_size, rollouts.width
@@ -517,6 +522,8 @@ class PaddedPasses:
 
         def run(rows: list[int], inserted: list[list[int]]) -> torch.Tensor:
             nonlocal tokens
+            if not rows:  # none on this rank; under ZeRO-3 it still joins the other ranks' forwards
+                return self.logprobs(model, batch.rows(slice(0, 0)), spare=batch)
             ctx = [bases[i] + list(ids) for i, ids in zip(rows, inserted)]
             b = build_batch(ctx, [responses[i] for i in rows], self.pad_id, response_width=R)
             b.images = vision.row_images(rollouts, rows, teacher=True, drop=drop)
@@ -527,8 +534,9 @@ class PaddedPasses:
         pos = run(everyone, rollouts.per_rollout(teachers.pos_ids))
         neg = old.clone()  # Negative.POLICY
         need = [i for i in everyone if negatives[i // G] is Negative.R_MINUS]
+        neg_need = run(need, [teachers.neg_ids[i // G] for i in need])
         if need:
-            neg[need] = run(need, [teachers.neg_ids[i // G] for i in need])
+            neg[need] = neg_need
         same = [i for i in everyone if negatives[i // G] is Negative.R_PLUS]
         neg[same] = pos[same]  # delta = 0: A_t = A exactly
         adv, weights = contrastive_token_advantages(
@@ -571,6 +579,10 @@ def packing_unavailable(cfg, model) -> str | None:
     """Why the packed passes cannot run for this config and model (``None``: they can)."""
     if cfg.scoring.kernel_backend == "cuda":
         return "scoring.kernel_backend=cuda: the CUDA extension has the logits ops only (the padded passes use them)"
+    if cfg.model.gradient_checkpointing:  # the backward's recomputation would run outside tree mode (SDPA)
+        return (
+            "model.gradient_checkpointing=true: the packed tree attention is not re-entered when a layer is recomputed"
+        )
     lm = causal_lm(model)
     reason = vision.packing_unavailable(lm) if vision.is_vl_model(lm) else hf_attention.supports(lm)
     if reason:

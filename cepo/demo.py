@@ -248,28 +248,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"assets built in {time.time() - t0:.0f}s under {args.out}")
     if args.skip_train:
         return 0
+    return train_and_report(
+        args.config or "demo.yaml", paths, args.out, [*TASKS[args.task]["overrides"], *args.overrides], t0
+    )
+
+
+def train_and_report(config: str, paths: dict, out: str, overrides: list[str], t0: float) -> int:
+    """The RL part of a demo: ``cepo train`` with ``config`` (a path, or a file name under
+    ``configs/``) on the assets ``paths`` (``model``, ``train``, ``eval``) into ``out/rl``, then the
+    held-out accuracy table."""
     from cepo.train import run_from_config
 
-    config = args.config or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml"
-    )
+    if not os.path.isfile(config):
+        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", config)
     overrides = [
         f"model.path={paths['model']}",
         f"data.train_file={paths['train']}",
         f"data.eval_file={paths['eval']}",
-        f"output_dir={os.path.join(args.out, 'rl')}",
-        *TASKS[args.task]["overrides"],
-        *args.overrides,
+        f"output_dir={os.path.join(out, 'rl')}",
+        *overrides,
     ]
     summary = run_from_config(config, overrides)
     evals = summary["evals"]
     print("\n  step  held-out accuracy")
     for step, acc in evals:
         print(f"  {step:>4}  {acc:6.1%}")
-    print(
-        f"\nbase accuracy {evals[0][1]:.1%} -> final {evals[-1][1]:.1%} after {summary['steps']} CEPO steps; "
-        f"total {time.time() - t0:.0f}s"
-    )
+    if evals:
+        print(
+            f"\nbase accuracy {evals[0][1]:.1%} -> final {evals[-1][1]:.1%} after {summary['steps']} CEPO steps; "
+            f"total {time.time() - t0:.0f}s"
+        )
     print(f"metrics: {summary['metrics_file']}\nfinal model: {summary['final_model']}")
     return 0
 

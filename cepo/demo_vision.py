@@ -311,25 +311,6 @@ def run(args) -> int:
     print(f"assets built in {time.time() - t0:.0f}s under {args.out}")
     if args.skip_train:
         return 0
-    from cepo.train import run_from_config
+    from cepo.demo import train_and_report
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = args.config or os.path.join(root, "configs", "demo_vision.yaml")
-    overrides = [
-        f"model.path={paths['model']}",
-        f"data.train_file={paths['train']}",
-        f"data.eval_file={paths['eval']}",
-        f"output_dir={os.path.join(args.out, 'rl')}",
-        *args.overrides,
-    ]
-    summary = run_from_config(config, overrides)
-    evals = summary["evals"]
-    print("\n  step  held-out accuracy")
-    for step, acc in evals:
-        print(f"  {step:>4}  {acc:6.1%}")
-    print(
-        f"\nbase accuracy {evals[0][1]:.1%} -> final {evals[-1][1]:.1%} after {summary['steps']} CEPO steps; "
-        f"total {time.time() - t0:.0f}s"
-    )
-    print(f"metrics: {summary['metrics_file']}\nfinal model: {summary['final_model']}")
-    return 0
+    return train_and_report(args.config or "demo_vision.yaml", paths, args.out, list(args.overrides), t0)

@@ -111,3 +111,21 @@ def kill_at_checkpoint(cmd: list[str], run_dir: str, step: int, timeout: float) 
         time.sleep(0.01)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Trainers built in the test load their policy in float64 (RMSNorm kept in float64 too); one
+    rank's gradient all-reduce, the identity that DeepSpeed refuses for float64, is skipped."""
+    import deepspeed.runtime.engine as ds_engine
+
+    from cepo import train as train_mod
+    from tests.trainer.test_packing import _exact_float64
+
+    real = train_mod.load_policy
+
+    def load(cfg, **kw):
+        return _exact_float64(real(cfg, **kw).double())
+
+    monkeypatch.setattr(train_mod, "load_policy", load)
+    monkeypatch.setattr(ds_engine.DeepSpeedEngine, "allreduce_gradients", lambda self, *a, **k: None)

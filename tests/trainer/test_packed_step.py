@@ -20,17 +20,14 @@ from __future__ import annotations
 import math
 import os
 
-import deepspeed.runtime.engine as ds_engine
 import pytest
 import torch
 
 import cepo.scoring as scoring_mod
-from cepo import train as train_mod
 from cepo.config import load_config
 from cepo.scoring import PaddedPasses
 from cepo.train import Trainer
 from tests.trainer.conftest import TINY, make_config
-from tests.trainer.test_packing import _exact_float64
 
 IGNORED = ("time/", "tokens/")
 ZERO2_ATOL = 1e-4  # timings, and token counts (that packing changes by design)
@@ -49,17 +46,6 @@ def llama_assets(assets, tmp_path_factory):
     transformers.LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return {**assets, "model": out}
-
-
-@pytest.fixture
-def float64(monkeypatch):
-    real = train_mod.load_policy
-
-    def load(cfg, **kw):
-        return _exact_float64(real(cfg, **kw).double())
-
-    monkeypatch.setattr(train_mod, "load_policy", load)
-    monkeypatch.setattr(ds_engine.DeepSpeedEngine, "allreduce_gradients", lambda self, *a, **k: None)
 
 
 def raw_params(trainer) -> dict:

@@ -9,19 +9,16 @@ from __future__ import annotations
 import os
 import random
 
-import deepspeed.runtime.engine as ds_engine
 import pytest
 import torch
 
 from cepo import demo_vision as dv
-from cepo import train as train_mod
 from cepo import vision
 from cepo.config import load_config
 from cepo.scoring import PaddedPasses
 from cepo.train import Trainer
 from tests.trainer.conftest import make_config
 from tests.trainer.test_packed_step import compare_metrics, compare_params, raw_params
-from tests.trainer.test_packing import _exact_float64
 
 SHAPE = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=24)
 PATCHES = {s: (s // dv.GRID.patch_size) ** 2 for s in (64, 96)}  # patches of a 64x64 and a 96x96 image
@@ -50,17 +47,6 @@ def vl_config(vl_assets, kind: str, out: str, **kw) -> str:
     )  # fmt: skip
     values.update(kw)
     return make_config({"model": vl_assets[kind], "train": vl_assets["train"]}, out, **values)
-
-
-@pytest.fixture
-def float64(monkeypatch):
-    real = train_mod.load_policy
-
-    def load(cfg, **kw):
-        return _exact_float64(real(cfg, **kw).double())
-
-    monkeypatch.setattr(train_mod, "load_policy", load)
-    monkeypatch.setattr(ds_engine.DeepSpeedEngine, "allreduce_gradients", lambda self, *a, **k: None)
 
 
 @pytest.mark.parametrize("mode", ["keep", "drop"])

@@ -20,23 +20,9 @@ from tests.trainer.conftest import subprocess_env as _env
 @pytest.mark.slow
 def test_two_process_data_parallel_equals_one_process(assets, tmp_path):
     """2 packed ranks (gloo) == 1 packed process == 1 padded process, on the same global batch."""
-    cfg = make_config(
-        assets,
-        str(tmp_path / "run"),
-        rollout__prompts_per_step=4,
-        optim__micro_batch_size=4,
-        algorithm__name="cepo",
-        algorithm__lam=1.0,
-    )
-    padded_cfg = make_config(
-        assets,
-        str(tmp_path / "padded"),
-        rollout__prompts_per_step=4,
-        optim__micro_batch_size=4,
-        algorithm__name="cepo",
-        algorithm__lam=1.0,
-        scoring__packing="false",
-    )
+    kw = dict(rollout__prompts_per_step=4, optim__micro_batch_size=4, algorithm__name="cepo", algorithm__lam=1.0)
+    cfg = make_config(assets, str(tmp_path / "run"), **kw)
+    padded_cfg = make_config(assets, str(tmp_path / "padded"), scoring__packing="false", **kw)
     one, two, padded = str(tmp_path / "one.pt"), str(tmp_path / "two.pt"), str(tmp_path / "padded.pt")
     for config, out in ((cfg, one), (padded_cfg, padded)):  # packed (the default here) and padded, 1 process
         worker = [sys.executable, "-m", "tests.trainer.dp_worker", config, out]

@@ -95,13 +95,20 @@ def make_data(
 
 
 # ------------------------------------------------------------------------------------ tokenizer
-def build_tokenizer(out: str):
-    """Character-level tokenizer over printable ASCII and newline, saved as a HF tokenizer."""
+def build_tokenizer(
+    out: str | None,
+    *,
+    special: list[str] = SPECIAL,
+    additional: list[str] = ("<|im_start|>",),
+    chat_template: str = CHAT_TEMPLATE,
+):
+    """Character-level tokenizer over printable ASCII and newline after the ``special`` tokens
+    (``additional`` of them registered as special), saved as a HF tokenizer to ``out`` (if given)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + chars)}
+    vocab = {tok: i for i, tok in enumerate(special + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     # "." does not match newline; the split keeps it as its own piece anyway
@@ -112,12 +119,13 @@ def build_tokenizer(out: str):
         unk_token="<unk>",
         bos_token=None,
         eos_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
+        additional_special_tokens=list(additional),
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.padding_side = "left"
-    fast.save_pretrained(out)
+    if out:
+        fast.save_pretrained(out)
     return fast
 
 

@@ -108,28 +108,9 @@ def make_data(out: str, *, seed: int = 0, n_sft: int = 2000, n_rl: int = 800, n_
 # ------------------------------------------------------------------------------ tokenizer, model
 def build_tokenizer(out: str | None):
     """Character-level tokenizer (printable ASCII, newline) with the vision special tokens; saved to ``out``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from cepo import demo
 
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token=None,
-        eos_token="<|im_end|>",
-        additional_special_tokens=SPECIAL[2:],
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
-    if out:
-        fast.save_pretrained(out)
-    return fast
+    return demo.build_tokenizer(out, special=SPECIAL, additional=SPECIAL[2:], chat_template=CHAT_TEMPLATE)
 
 
 def vl_config(tokenizer, kind: str = "qwen3_vl", **shape):

@@ -191,14 +191,19 @@ def warm_start(
         label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
         attn = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in ids])[:, None]).long()
         loss = model(input_ids=input_ids, attention_mask=attn, labels=label_t).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step == 0:
-            log(f"  warm-start step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
+        sft_update(model, opt, sched, loss, step, steps, t0, log)
     model.eval()
+
+
+def sft_update(model, opt, sched, loss, step: int, steps: int, t0: float, log) -> None:
+    """One warm-start update (gradients clipped to norm 1) and a progress line every 50 steps."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if (step + 1) % 50 == 0 or step == 0:
+        log(f"  warm-start step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
 
 
 # The tasks: "default" (2 operations, `make demo`) and "long" (4 operations: longer chains whose only

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from cepo import vision
+from cepo import demo, vision
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -108,8 +108,6 @@ def make_data(out: str, *, seed: int = 0, n_sft: int = 2000, n_rl: int = 800, n_
 # ------------------------------------------------------------------------------ tokenizer, model
 def build_tokenizer(out: str | None):
     """Character-level tokenizer (printable ASCII, newline) with the vision special tokens; saved to ``out``."""
-    from cepo import demo
-
     return demo.build_tokenizer(out, special=SPECIAL, additional=SPECIAL[2:], chat_template=CHAT_TEMPLATE)
 
 
@@ -229,13 +227,7 @@ def warm_start(model, tokenizer, rows: list[dict], *, steps: int, flawed_fractio
             input_ids=input_ids, attention_mask=attn, labels=labels, pixel_values=pixels, image_grid_thw=grid,
             mm_token_type_ids=(input_ids == image_id).int(),
         ).loss  # fmt: skip
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step == 0:
-            log(f"  warm-start step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
+        demo.sft_update(model, opt, sched, loss, step, steps, t0, log)
     model.eval()
 
 
@@ -292,6 +284,4 @@ def run(args) -> int:
     print(f"assets built in {time.time() - t0:.0f}s under {args.out}")
     if args.skip_train:
         return 0
-    from cepo.demo import train_and_report
-
-    return train_and_report(args.config or "demo_vision.yaml", paths, args.out, list(args.overrides), t0)
+    return demo.train_and_report(args.config or "demo_vision.yaml", paths, args.out, list(args.overrides), t0)

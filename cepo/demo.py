@@ -215,18 +215,32 @@ TASKS = {
 }
 
 
-def build_assets(out: str, *, sft_steps: int = 300, seed: int = 0, task: str = "default", log=print) -> dict[str, str]:
-    """Data, tokenizer and warm-started base model under ``out``; returns their paths."""
+def build_assets(
+    out: str,
+    *,
+    sft_steps: int = 300,
+    seed: int = 0,
+    task: str = "default",
+    log=print,
+    data_sizes: dict | None = None,
+    model_shape: dict | None = None,
+    model_dir: str = "base_model",
+) -> dict[str, str]:
+    """Data, tokenizer and (``sft_steps`` > 0: warm-started) base model under ``out``; returns their
+    paths. ``data_sizes`` (``n_sft``, ``n_rl``, ``n_eval``) and ``model_shape`` (Qwen3Config fields)
+    override the demo's, for tests."""
     if task not in TASKS:
         raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
     os.makedirs(out, exist_ok=True)
-    paths = make_data(out, seed=seed, n_ops=TASKS[task]["n_ops"])
-    model_dir = os.path.join(out, "base_model")
+    paths = make_data(out, seed=seed, n_ops=TASKS[task]["n_ops"], **(data_sizes or {}))
+    model_dir = os.path.join(out, model_dir)
     tokenizer = build_tokenizer(model_dir)
-    model = build_model(model_dir, tokenizer, seed=seed)
-    log(f"warm start: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Qwen3, {sft_steps} SFT steps")
-    warm_start(model, tokenizer, paths["sft"], steps=sft_steps, seed=seed, log=log)
-    model.save_pretrained(model_dir)
+    model = build_model(model_dir, tokenizer, seed=seed, **(model_shape or {}))
+    if sft_steps:
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        log(f"warm start: {n:.2f}M-parameter Qwen3, {sft_steps} SFT steps")
+        warm_start(model, tokenizer, paths["sft"], steps=sft_steps, seed=seed, log=log)
+        model.save_pretrained(model_dir)
     paths["model"] = model_dir
     return paths
 

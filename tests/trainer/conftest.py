@@ -31,12 +31,8 @@ TINY = dict(
 def assets(tmp_path_factory) -> dict:
     """``{"model", "train", "eval"}`` paths: a random-init 2-layer Qwen3 and 64 + 16 arithmetic problems."""
     out = str(tmp_path_factory.mktemp("assets"))
-    paths = demo.make_data(out, seed=1, n_sft=8, n_rl=64, n_eval=16)
-    model_dir = os.path.join(out, "model")
-    tok = demo.build_tokenizer(model_dir)
-    demo.build_model(model_dir, tok, seed=1, **TINY)
-    paths["model"] = model_dir
-    return paths
+    sizes = dict(n_sft=8, n_rl=64, n_eval=16)
+    return demo.build_assets(out, sft_steps=0, seed=1, data_sizes=sizes, model_shape=TINY, model_dir="model")
 
 
 def make_config(assets: dict, out: str, **kw) -> list[str]:

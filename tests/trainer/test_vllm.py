@@ -41,14 +41,8 @@ MAX_LEN = 128 + MAX_NEW
 def demo_assets(tmp_path_factory) -> dict:
     """The demo's task, tokenizer and model shape (Qwen3, head_dim 32, fp32), with a short warm-start."""
     out = str(tmp_path_factory.mktemp("vllm_demo"))
-    paths = demo.make_data(out, seed=0, n_sft=256, n_rl=128, n_eval=32)
-    model_dir = os.path.join(out, "base_model")
-    tok = demo.build_tokenizer(model_dir)
-    model = demo.build_model(model_dir, tok, seed=0)
-    demo.warm_start(model, tok, paths["sft"], steps=30, seed=0, log=lambda *a: None)
-    model.save_pretrained(model_dir)
-    paths["model"] = model_dir
-    return paths
+    sizes = dict(n_sft=256, n_rl=128, n_eval=32)
+    return demo.build_assets(out, sft_steps=30, seed=0, data_sizes=sizes, log=lambda *a: None)
 
 
 def _load(path):

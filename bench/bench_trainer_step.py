@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import statistics
 
     import cepo.train as train_mod
-    from bench.common import environment
+    from bench.common import append_records, environment
     from cepo import demo
     from cepo.config import load_config
 
@@ -231,13 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     records.append({"bench": "trainer_step_ratios", "shape": args.shape, "clock": clock, **ratios, **env})
     targets = [os.path.join(root, "bench", "results", f"{env['machine']}.jsonl")] if on_gpu else []
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         targets.append(os.path.join(args.out, "bench_trainer_step.jsonl"))
-    for path in targets:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    append_records(records, targets)
     print(
         f"reproduce: python -m bench.bench_trainer_step --shape {args.shape} --repeats {args.repeats} "
         f"--threads {args.threads} --clock {args.clock}"

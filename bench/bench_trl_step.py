@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from bench.common import RESULTS_DIR, environment
+    from bench.common import RESULTS_DIR, append_records, environment
     from cepo import demo
     from cepo.integrations.trl import CEPOConfig, CEPOTrainer
     from cepo.reward import math_correct
@@ -169,12 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     records.append(summary)
     targets = [RESULTS_DIR / f"{env['machine']}-trl-step.jsonl"]
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         targets.append(os.path.join(args.out, "bench_trl_step.jsonl"))
-    for path in targets:
-        with open(path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    append_records(records, targets)
     print(
         f"reproduce: python -m bench.bench_trl_step --demo-dir {args.demo_dir} --sft-steps {args.sft_steps} "
         f"--repeats {args.repeats} --threads {args.threads} --clock {args.clock}"

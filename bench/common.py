@@ -7,6 +7,7 @@ command lines."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
@@ -52,3 +53,12 @@ def environment() -> dict:
     except Exception:
         env["triton"] = None
     return env
+
+
+def append_records(records: list[dict], paths: list) -> None:
+    """Append ``records`` as JSON lines to every file in ``paths`` (folders made as needed)."""
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")

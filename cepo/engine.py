@@ -99,7 +99,13 @@ def setup_distributed(dist_backend: str | None = None, timeout_s: float | None =
     if own_port:
         os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
+    from deepspeed.utils import groups as ds_groups
 
+    if not torch.distributed.is_initialized():
+        # DeepSpeed keeps a clone of the world group from the last process group; a process that
+        # trains again after `cepo` destroyed its group (cli.main twice, a test session) would
+        # broadcast over that dead clone
+        ds_groups._WORLD_GROUP = None
     backend = dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
     for attempt in range(5):
         if torch.distributed.is_initialized():

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     import statistics
 
     import cepo.train as train_mod
-    from bench.common import append_records, environment
+    from bench.common import environment, save_records
     from cepo import demo
     from cepo.config import load_config
 
@@ -229,10 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in ratios.items():
         print(f"{k:45} {v:.3f}")
     records.append({"bench": "trainer_step_ratios", "shape": args.shape, "clock": clock, **ratios, **env})
-    targets = [os.path.join(root, "bench", "results", f"{env['machine']}.jsonl")] if on_gpu else []
-    if args.out:
-        targets.append(os.path.join(args.out, "bench_trainer_step.jsonl"))
-    append_records(records, targets)
+    results = f"{env['machine']}.jsonl" if on_gpu else None
+    save_records(records, results=results, out_dir=args.out, name="bench_trainer_step")
     print(
         f"reproduce: python -m bench.bench_trainer_step --shape {args.shape} --repeats {args.repeats} "
         f"--threads {args.threads} --clock {args.clock}"

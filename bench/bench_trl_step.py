@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from bench.common import RESULTS_DIR, append_records, environment
+    from bench.common import environment, save_records
     from cepo import demo
     from cepo.integrations.trl import CEPOConfig, CEPOTrainer
     from cepo.reward import math_correct
@@ -167,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(v, float):
             print(f"{k:28} {v:.3f}")
     records.append(summary)
-    targets = [RESULTS_DIR / f"{env['machine']}-trl-step.jsonl"]
-    if args.out:
-        targets.append(os.path.join(args.out, "bench_trl_step.jsonl"))
-    append_records(records, targets)
+    save_records(records, results=f"{env['machine']}-trl-step.jsonl", out_dir=args.out, name="bench_trl_step")
     print(
         f"reproduce: python -m bench.bench_trl_step --demo-dir {args.demo_dir} --sft-steps {args.sft_steps} "
         f"--repeats {args.repeats} --threads {args.threads} --clock {args.clock}"

@@ -55,10 +55,14 @@ def environment() -> dict:
     return env
 
 
-def append_records(records: list[dict], paths: list) -> None:
-    """Append ``records`` as JSON lines to every file in ``paths`` (folders made as needed)."""
+def save_records(records: list[dict], *, results: str | None, out_dir: str | None, name: str) -> None:
+    """Append ``records`` as JSON lines to ``bench/results/<results>`` (if given) and to
+    ``<out_dir>/<name>.jsonl`` (if given); folders are made as needed."""
+    paths = [RESULTS_DIR / results] if results else []
+    if out_dir:
+        paths.append(Path(out_dir) / f"{name}.jsonl")
     for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")

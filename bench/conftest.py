@@ -44,7 +44,7 @@ if not CUDA:
 BENCH_DIR = Path(__file__).resolve().parent
 # whole-step tools (scripts with their own command line, not pytest-benchmark files): these and
 # every bench_*_step.py
-STEP_TOOLS = {"bench_rollout.py"}
+STEP_TOOLS = {"bench_rollout.py", "bench_vision_experience.py"}
 BACKENDS = ("cuda", "triton", "torch")
 
 
